@@ -1,0 +1,169 @@
+"""Helpers every callback shares: parameters, loggers, cadence, flushing, forward order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = [
+    "StabilityCallback",
+    "flush_loggers",
+    "forward_order",
+    "is_logging_step",
+    "lightning_logs_this_step",
+    "log_scalars",
+    "optimizer_params",
+    "tensorboard_writer",
+]
+
+
+def optimizer_params(optimizer: Optimizer) -> list[Tensor]:
+    """Every parameter the optimizer updates, once each, in param-group order."""
+    seen: set[int] = set()
+    params: list[Tensor] = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
+    """The ``SummaryWriter`` of the trainer's first TensorBoardLogger, on global rank zero; else ``None``."""
+    if not trainer.is_global_zero:
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def is_logging_step(trainer: pl.Trainer, every_n_steps: int) -> bool:
+    """Whether the optimizer step about to happen is a logging step.
+
+    Uses Lightning's own convention (steps ``n-1, 2n-1, ...``, counted from 0), so a callback that
+    logs every ``trainer.log_every_n_steps`` steps writes on the same steps as the LightningModule.
+    """
+    return (trainer.global_step + 1) % every_n_steps == 0
+
+
+def lightning_logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning itself will write ``self.log`` step metrics at the end of this batch."""
+    n: int = getattr(trainer, "log_every_n_steps", 0)
+    return bool(n) and (is_logging_step(trainer, n) or trainer.should_stop)
+
+
+def log_scalars(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    summary: Mapping[str, Tensor | float],
+    detail: Mapping[str, Tensor | float] | None = None,
+) -> dict[str, float]:
+    """Log scalars with one host transfer for all of them; returns them as Python floats.
+
+    ``summary`` keys (a handful) go through ``pl_module.log_dict`` when Lightning writes step
+    metrics this step, so they also reach ``trainer.callback_metrics`` (``EarlyStopping`` and
+    ``ModelCheckpoint`` can monitor them). ``detail`` keys (one per layer, possibly hundreds) and
+    summary keys on other steps go straight to every logger's ``log_metrics``, about four times
+    cheaper per key than ``log_dict`` and independent of Lightning's logging cadence.
+    """
+    detail = detail or {}
+    keys = [*summary, *detail]
+    values = [*summary.values(), *detail.values()]
+    floats = _to_floats(values)
+    out = dict(zip(keys, floats, strict=True))
+    direct = {k: out[k] for k in detail}
+    if summary and lightning_logs_this_step(trainer) and trainer.loggers:
+        pl_module.log_dict(
+            {k: out[k] for k in summary}, on_step=True, on_epoch=False, batch_size=1, sync_dist=False
+        )
+    else:
+        direct.update({k: out[k] for k in summary})
+    if direct and trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(direct, step=trainer.global_step)
+    return out
+
+
+def _to_floats(values: list[Tensor | float]) -> list[float]:
+    """Python floats of a mix of numbers and 0-d tensors, with one device-to-host copy."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    host = torch.stack(
+        [t.detach().reshape(()).to(tensors[0].device, torch.float32) for t in tensors]
+    ).tolist()
+    it = iter(host)
+    return [next(it) if isinstance(v, Tensor) else float(v) for v in values]
+
+
+def flush_loggers(trainer: pl.Trainer) -> None:
+    """Write buffered events and rows to disk (TensorBoard and CSV loggers), on rank zero."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.flush()
+        elif isinstance(logger, CSVLogger):
+            logger.save()
+
+
+class StabilityCallback(Callback):
+    """Base of the library's callbacks: flushes the loggers on checkpoint save, on exception and at teardown,
+    so nothing a callback logged is lost when a run stops."""
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        flush_loggers(trainer)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        flush_loggers(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        flush_loggers(trainer)
+
+
+@contextmanager
+def forward_order(module: nn.Module) -> Iterator[list[str]]:
+    """Record the order in which the modules that own parameters run in a forward pass.
+
+    Usage::
+
+        with forward_order(model) as order:
+            model(batch)
+        # order == ["embed", "layers.0", ..., "head"]
+
+    Each module is listed once, at its first call. The hooks are removed on exit.
+    """
+    order: list[str] = []
+    seen: set[str] = set()
+    handles = []
+
+    def make_hook(name: str) -> Any:
+        def hook(mod: nn.Module, args: Any) -> None:
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+
+        return hook
+
+    for name, mod in module.named_modules():
+        if any(True for _ in mod.parameters(recurse=False)):
+            handles.append(mod.register_forward_pre_hook(make_hook(name)))
+    try:
+        yield order
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,296 @@
+"""Fused per-tensor statistics: L2 norm, max-abs, mean-abs and non-finite counts.
+
+Everything here is plain PyTorch (no Lightning) and host-sync free: results stay tensors on the
+device of the inputs. Tensors are grouped by ``(device, dtype)`` and each statistic is one
+``torch._foreach_norm`` call per group, so the cost does not grow with the number of tensors beyond
+the kernels themselves.
+
+Norms accumulate in float64 where the device supports it (float32 otherwise) and are returned as
+float32, so finite float32 gradients as large as 1e20 give a finite norm instead of overflowing in a
+sum of squares.
+
+Example, from a plain PyTorch loop::
+
+    loss.backward()
+    norms = gradient_norms(model)  # {"encoder.0": tensor(0.31), ..., "head": tensor(1.2)}
+    total = total_norm([p.grad for p in model.parameters()])
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "LayerIndex",
+    "TensorStats",
+    "gradient_norms",
+    "layer_norms",
+    "nonfinite_counts",
+    "reduce_total_norm",
+    "tensor_norms",
+    "tensor_stats",
+    "total_norm",
+]
+
+_NO_FLOAT64 = frozenset({"mps", "xla"})
+
+
+def _accumulate_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type in _NO_FLOAT64 else torch.float64
+
+
+def _dense(t: Tensor) -> Tensor:
+    """Detached dense view of a tensor's stored values (the coalesced values of a sparse tensor)."""
+    t = t.detach()
+    if t.is_sparse:
+        return t.coalesce().values()
+    return t
+
+
+def _groups(tensors: Sequence[Tensor | None]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of the non-empty tensors grouped by device and dtype."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        if t is not None and t.numel() > 0:
+            groups[(t.device, t.dtype)].append(i)
+    return groups
+
+
+def _out_device(tensors: Sequence[Tensor | None], device: torch.device | None) -> torch.device:
+    if device is not None:
+        return device
+    for t in tensors:
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
+def tensor_norms(
+    tensors: Sequence[Tensor | None], norm_type: float = 2.0, device: torch.device | None = None
+) -> Tensor:
+    """Per-tensor vector norms in one fused pass per device and dtype.
+
+    Args:
+        tensors: the tensors; ``None`` and empty tensors get a norm of 0. Sparse tensors use their
+            coalesced values.
+        norm_type: the order of the norm (``2.0``, ``1.0``, ``math.inf``...).
+        device: where the result lives; defaults to the device of the first tensor.
+
+    Returns:
+        A float32 tensor of shape ``(len(tensors),)``.
+    """
+    out_device = _out_device(tensors, device)
+    groups = _groups(tensors)
+    if len(groups) == 1:
+        (((dev, _), idx),) = groups.items()
+        if len(idx) == len(tensors):  # the common case: one device, one dtype, nothing missing
+            return _group_norms([_dense(t) for t in tensors], norm_type, dev).to(out_device)  # type: ignore[arg-type]
+    out = torch.zeros(len(tensors), dtype=torch.float32, device=out_device)
+    for (dev, _), idx in groups.items():
+        values = _group_norms([_dense(tensors[i]) for i in idx], norm_type, dev)  # type: ignore[arg-type]
+        out[torch.tensor(idx, device=out_device)] = values.to(out_device, non_blocking=True)
+    return out
+
+
+def _group_norms(group: list[Tensor], norm_type: float, device: torch.device) -> Tensor:
+    if math.isinf(norm_type):  # a max needs no wider accumulator
+        norms = torch._foreach_norm(group, norm_type)
+    else:
+        norms = torch._foreach_norm(group, norm_type, dtype=_accumulate_dtype(device))
+    return torch.stack(norms).float()
+
+
+def nonfinite_counts(tensors: Sequence[Tensor | None], device: torch.device | None = None) -> Tensor:
+    """Number of NaN and infinite values in each tensor (int64, ``None`` and empty give 0).
+
+    One small kernel per tensor: meant for logging steps, or after :func:`tensor_norms` has shown a
+    non-finite norm. Detecting *whether* a tensor has a non-finite value is free from its norm.
+    """
+    out_device = _out_device(tensors, device)
+    out = torch.zeros(len(tensors), dtype=torch.int64, device=out_device)
+    for idx in _groups(tensors).values():
+        counts = [torch.isfinite(_dense(tensors[i])).logical_not_().sum() for i in idx]  # type: ignore[arg-type]
+        out[torch.tensor(idx, device=out_device)] = torch.stack(counts).to(out_device)
+    return out
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Per-tensor statistics, each a float32 (``nonfinite``: int64) tensor of shape ``(n,)``.
+
+    Attributes:
+        l2: L2 norm of each tensor (non-finite if the tensor holds a NaN or an inf).
+        max_abs: largest absolute value.
+        mean_abs: mean absolute value.
+        numel: number of stored values (float32, so ratios need no cast).
+        nonfinite: number of NaN and infinite values.
+    """
+
+    l2: Tensor
+    max_abs: Tensor
+    mean_abs: Tensor
+    numel: Tensor
+    nonfinite: Tensor
+
+
+def tensor_stats(tensors: Sequence[Tensor | None], device: torch.device | None = None) -> TensorStats:
+    """L2 norm, max-abs, mean-abs and non-finite count of every tensor, without a host sync.
+
+    Args:
+        tensors: the tensors; ``None`` and empty tensors give zeros.
+        device: where the results live; defaults to the device of the first tensor.
+    """
+    out_device = _out_device(tensors, device)
+    numel = torch.tensor(
+        [0 if t is None else _dense(t).numel() for t in tensors], dtype=torch.float32, device=out_device
+    )
+    l1 = tensor_norms(tensors, 1.0, out_device)
+    return TensorStats(
+        l2=tensor_norms(tensors, 2.0, out_device),
+        max_abs=tensor_norms(tensors, math.inf, out_device),
+        mean_abs=l1 / numel.clamp_min(1.0),
+        numel=numel,
+        nonfinite=nonfinite_counts(tensors, out_device),
+    )
+
+
+def total_norm(
+    tensors: Iterable[Tensor | None],
+    norm_type: float = 2.0,
+    sharded: bool = False,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """The norm of all tensors taken together, as a 0-d float32 tensor (no host sync).
+
+    Args:
+        tensors: the tensors (``None`` is skipped).
+        norm_type: the order of the norm.
+        sharded: set when each rank holds a different shard of the tensors (FSDP, ZeRO): the local
+            norms are combined across ``group`` (sum of squares for p-norms, max for the inf-norm).
+            Leave unset under data parallelism, where every rank holds the whole (averaged) gradient.
+        group: the process group of the shards; the default group if ``None``.
+    """
+    tensors = list(tensors)
+    per_tensor = tensor_norms(tensors, norm_type)
+    if math.isinf(norm_type):
+        local = per_tensor.max() if per_tensor.numel() else per_tensor.new_zeros(())
+    else:
+        local = torch.linalg.vector_norm(per_tensor.to(_accumulate_dtype(per_tensor.device)), norm_type)
+    if sharded:
+        return reduce_total_norm(local, norm_type, group)
+    return local.float()
+
+
+def reduce_total_norm(
+    local_norm: Tensor, norm_type: float = 2.0, group: dist.ProcessGroup | None = None
+) -> Tensor:
+    """Combine per-rank norms of disjoint shards into the norm of the whole (all-reduce).
+
+    Returns ``local_norm`` as float32 when torch.distributed is not initialised.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return local_norm.float()
+    if math.isinf(norm_type):
+        value = local_norm.detach().float().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+        return value
+    value = local_norm.detach().to(_accumulate_dtype(local_norm.device)).pow(norm_type)
+    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value.pow(1.0 / norm_type).float()
+
+
+@dataclass(frozen=True)
+class LayerIndex:
+    """Which trainable parameter belongs to which layer, so per-layer statistics are one scatter-add.
+
+    A layer is a module that owns parameters directly; parameters owned by the root module form a
+    layer named after the parameter. With ``per="parameter"`` every parameter is its own layer.
+
+    Attributes:
+        layer_names: dotted module names (or parameter names), one per layer.
+        param_names: dotted parameter names.
+        params: the parameters, in the order of ``param_names``.
+        layer_of: for each parameter, the position of its layer in ``layer_names``.
+    """
+
+    layer_names: list[str]
+    param_names: list[str]
+    params: list[nn.Parameter]
+    layer_of: list[int]
+
+    @classmethod
+    def build(cls, module: nn.Module, per: str = "layer", trainable_only: bool = True) -> LayerIndex:
+        """Index the parameters of ``module`` (``per`` is ``"layer"`` or ``"parameter"``)."""
+        if per not in ("layer", "parameter"):
+            raise ValueError(f"`per` must be 'layer' or 'parameter', got {per!r}")
+        layer_names: list[str] = []
+        param_names: list[str] = []
+        params: list[nn.Parameter] = []
+        layer_of: list[int] = []
+        seen: set[int] = set()
+        for mod_name, mod in module.named_modules():
+            for p_name, p in mod.named_parameters(recurse=False):
+                if id(p) in seen or (trainable_only and not p.requires_grad):
+                    continue
+                seen.add(id(p))
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
+                layer = full if (per == "parameter" or not mod_name) else mod_name
+                if not layer_names or layer_names[-1] != layer:
+                    if layer in layer_names:
+                        layer_of.append(layer_names.index(layer))
+                    else:
+                        layer_names.append(layer)
+                        layer_of.append(len(layer_names) - 1)
+                else:
+                    layer_of.append(len(layer_names) - 1)
+                param_names.append(full)
+                params.append(p)
+        return cls(layer_names, param_names, params, layer_of)
+
+    def reorder(self, layer_order: Sequence[str]) -> LayerIndex:
+        """The same index with layers sorted by ``layer_order`` (unknown layers go last, in place)."""
+        rank = {name: i for i, name in enumerate(layer_order)}
+        order = sorted(
+            range(len(self.layer_names)), key=lambda i: (rank.get(self.layer_names[i], len(rank)), i)
+        )
+        new_pos = {old: new for new, old in enumerate(order)}
+        return LayerIndex(
+            [self.layer_names[i] for i in order],
+            self.param_names,
+            self.params,
+            [new_pos[i] for i in self.layer_of],
+        )
+
+
+def layer_norms(per_param_l2: Tensor, index: LayerIndex) -> Tensor:
+    """Combine per-parameter L2 norms into per-layer L2 norms (sqrt of the sum of squares)."""
+    layer_of = torch.tensor(index.layer_of, device=per_param_l2.device)
+    acc = per_param_l2.to(_accumulate_dtype(per_param_l2.device)).square()
+    sums = acc.new_zeros(len(index.layer_names)).index_add_(0, layer_of, acc)
+    return sums.sqrt().float()
+
+
+def gradient_norms(module: nn.Module, per: str = "layer") -> dict[str, Tensor]:
+    """L2 norm of the gradients of each layer (or parameter) of ``module``, for plain PyTorch loops.
+
+    Layers whose parameters have no gradient are left out. Values are 0-d device tensors; call
+    ``.item()`` only where you log. The total norm is :func:`total_norm` of the same gradients.
+
+    Args:
+        module: the model, after ``backward()``.
+        per: ``"layer"`` (modules that own parameters) or ``"parameter"``.
+    """
+    index = LayerIndex.build(module, per=per)
+    grads = [p.grad for p in index.params]
+    norms = layer_norms(tensor_norms(grads), index)
+    has_grad = [False] * len(index.layer_names)
+    for g, layer in zip(grads, index.layer_of, strict=True):
+        has_grad[layer] = has_grad[layer] or g is not None
+    return {name: norms[i] for i, name in enumerate(index.layer_names) if has_grad[i]}

@@ -1,5 +1,6 @@
 """Lightning callbacks that find and fix vanishing, exploding and non-finite gradients."""
 
+from stability_callbacks.monitor import Diagnosis, GradientDiagnostician, GradientMonitor
 from stability_callbacks.stats import (
     LayerIndex,
     TensorStats,
@@ -12,6 +13,9 @@ from stability_callbacks.stats import (
 )
 
 __all__ = [
+    "Diagnosis",
+    "GradientDiagnostician",
+    "GradientMonitor",
     "LayerIndex",
     "TensorStats",
     "gradient_norms",

@@ -18,7 +18,6 @@ __all__ = [
     "flush_loggers",
     "forward_order",
     "is_logging_step",
-    "lightning_logs_this_step",
     "log_scalars",
     "optimizer_params",
     "tensorboard_writer",
@@ -56,41 +55,25 @@ def is_logging_step(trainer: pl.Trainer, every_n_steps: int) -> bool:
     return (trainer.global_step + 1) % every_n_steps == 0
 
 
-def lightning_logs_this_step(trainer: pl.Trainer) -> bool:
-    """Whether Lightning itself will write ``self.log`` step metrics at the end of this batch."""
-    n: int = getattr(trainer, "log_every_n_steps", 0)
-    return bool(n) and (is_logging_step(trainer, n) or trainer.should_stop)
-
-
 def log_scalars(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
-    summary: Mapping[str, Tensor | float],
-    detail: Mapping[str, Tensor | float] | None = None,
+    trainer: pl.Trainer, metrics: Mapping[str, Tensor | float], step: int | None = None
 ) -> dict[str, float]:
-    """Log scalars with one host transfer for all of them; returns them as Python floats.
+    """Write scalars to every logger of the trainer with one host transfer; returns them as floats.
 
-    ``summary`` keys (a handful) go through ``pl_module.log_dict`` when Lightning writes step
-    metrics this step, so they also reach ``trainer.callback_metrics`` (``EarlyStopping`` and
-    ``ModelCheckpoint`` can monitor them). ``detail`` keys (one per layer, possibly hundreds) and
-    summary keys on other steps go straight to every logger's ``log_metrics``, about four times
-    cheaper per key than ``log_dict`` and independent of Lightning's logging cadence.
+    Like Lightning's ``LearningRateMonitor``, this calls each logger's ``log_metrics`` directly rather
+    than ``LightningModule.log``: it is about four times cheaper per key (hundreds of per-layer keys
+    stay cheap), follows the callback's own cadence, and never re-emits a stale value on a later step
+    (``self.log`` values logged on one step are written again at Lightning's next logging step).
+
+    Args:
+        trainer: the trainer whose loggers receive the values (global rank zero writes).
+        metrics: key to number or 0-d tensor.
+        step: the step to log at; ``trainer.global_step`` by default.
     """
-    detail = detail or {}
-    keys = [*summary, *detail]
-    values = [*summary.values(), *detail.values()]
-    floats = _to_floats(values)
-    out = dict(zip(keys, floats, strict=True))
-    direct = {k: out[k] for k in detail}
-    if summary and lightning_logs_this_step(trainer) and trainer.loggers:
-        pl_module.log_dict(
-            {k: out[k] for k in summary}, on_step=True, on_epoch=False, batch_size=1, sync_dist=False
-        )
-    else:
-        direct.update({k: out[k] for k in summary})
-    if direct and trainer.is_global_zero:
+    out = dict(zip(metrics, _to_floats(list(metrics.values())), strict=True))
+    if out and trainer.is_global_zero:
         for logger in trainer.loggers:
-            logger.log_metrics(direct, step=trainer.global_step)
+            logger.log_metrics(out, step=trainer.global_step if step is None else step)
     return out
 
 
@@ -119,7 +102,13 @@ def flush_loggers(trainer: pl.Trainer) -> None:
 
 class StabilityCallback(Callback):
     """Base of the library's callbacks: flushes the loggers on checkpoint save, on exception and at teardown,
-    so nothing a callback logged is lost when a run stops."""
+    so nothing a callback logged is lost when a run stops.
+
+    Callbacks that rescale or zero gradients set ``modifies_gradients = True``; measuring callbacks
+    (``GradientMonitor``) place themselves before those so they see the gradients before any clipping.
+    """
+
+    modifies_gradients: bool = False
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -285,6 +285,7 @@ class GradientMonitor(StabilityCallback):
         self._order_stack: ExitStack | None = None
         self._index_cache: dict[tuple[int, tuple[int, ...]], tuple[LayerIndex, Tensor]] = {}
         self._before: tuple[LayerIndex, list[Tensor]] | None = None
+        self._warned_empty = False
 
     @property
     def state_key(self) -> str:
@@ -362,6 +363,11 @@ class GradientMonitor(StabilityCallback):
             return
         index, _ = self._index(pl_module, optimizer)
         if not index.params:
+            if not self._warned_empty:
+                self._warned_empty = True
+                rank_zero_warn(
+                    "GradientMonitor: the optimizer has no trainable parameters; nothing to monitor."
+                )
             return
         grads = [p.grad for p in index.params]
         if all(g is None for g in grads):  # e.g. training_step returned None: nothing to measure

@@ -1,0 +1,760 @@
+"""Device-side histograms of many tensors, written as TensorBoard histogram records.
+
+``SummaryWriter.add_histogram`` copies every tensor to host memory and bins it with NumPy, one tensor
+at a time. Here the statistics of a TensorBoard ``HistogramProto`` (min, max, count, sum, sum of
+squares and the bucket counts over a fixed number of equal-width bins) are computed where the tensors
+live, packed into one small ``(n, 7 + bins)`` tensor, and copied to the host once for all of them::
+
+    stats = histogram_stats([p.grad for p in model.parameters()], bins=64)  # on the device, no sync
+    hists = to_histograms(stats)  # one device-to-host copy
+    write_histograms(writer, dict(zip(tags, hists)), global_step=step)
+
+Conventions (those of ``SummaryWriter.add_histogram_raw`` and TensorBoard's ``HistogramProto``):
+
+* the ``bins`` buckets split ``[min, max]`` into equal widths; ``bucket_limits`` are their right
+  edges (the last one is ``max``); TensorBoard takes ``min`` as the left edge of the first bucket;
+* a tensor whose finite values are all equal gets buckets over ``[value - 0.5, value + 0.5]`` (as
+  NumPy does), with every value in the middle bucket;
+* NaN and infinite values are counted apart (``Histogram.nonfinite``) and the finite ones binned, so
+  the bucket counts sum to ``num``, the number of finite values;
+* bf16, fp16 and integer tensors are binned in float32; sparse tensors use their stored values;
+  ``None`` and empty tensors give no histogram.
+
+Besides the histograms, :func:`grad_flow_stats` and :func:`grad_flow_image` draw the classic
+"gradient flow" picture: per-layer mean and max absolute gradient from input to output, on a log scale.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from stability_callbacks._trainer import (
+    StabilityCallback,
+    forward_order,
+    is_logging_step,
+    optimizer_params,
+    tensorboard_writer,
+)
+from stability_callbacks.stats import LayerIndex, tensor_norms
+
+__all__ = [
+    "Histogram",
+    "HistogramLogger",
+    "fetch_to_host",
+    "grad_flow_image",
+    "grad_flow_stats",
+    "histogram_stats",
+    "tensor_histograms",
+    "to_histograms",
+    "write_histograms",
+]
+
+_FMAX = torch.finfo(torch.float32).max
+_NO_FLOAT64 = frozenset({"mps", "xla"})
+
+# Columns of a row of ``histogram_stats``; the bucket counts follow.
+_MIN, _MAX, _SUM, _SUMSQ, _NONFINITE, _EDGE_LO, _EDGE_HI = range(7)
+STAT_COLUMNS = 7
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """One histogram, in the fields of TensorBoard's ``HistogramProto``.
+
+    Attributes:
+        min: smallest finite value.
+        max: largest finite value.
+        num: number of finite values (the bucket counts sum to it).
+        sum: sum of the finite values.
+        sum_squares: sum of their squares.
+        bucket_limits: right edges of the buckets (``len == bins``, last is the upper edge).
+        bucket_counts: number of values in each bucket.
+        nonfinite: number of NaN and infinite values (not in the buckets).
+        lower_edge: left edge of the first bucket (``min``, or ``min - 0.5`` for a constant tensor).
+    """
+
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+    bucket_limits: list[float]
+    bucket_counts: list[float]
+    nonfinite: int
+    lower_edge: float
+
+
+def _accumulate_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type in _NO_FLOAT64 else torch.float64
+
+
+def _values(t: Tensor) -> Tensor:
+    """Detached tensor of the stored values: a sparse tensor's (coalesced) values, else the tensor."""
+    t = t.detach()
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()
+    if t.layout != torch.strided:  # CSR, CSC, BSR, BSC
+        return t.values()
+    return t
+
+
+def _check_bins(bins: int) -> None:
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"`bins` must be a positive integer, got {bins!r}")
+
+
+def histogram_stats(
+    tensors: Sequence[Tensor | None], bins: int = 64, device: torch.device | None = None
+) -> Tensor:
+    """Histogram statistics of each tensor, computed on its device without a host sync.
+
+    The work per tensor is a handful of elementwise passes and reductions into one scratch buffer
+    (sized to the largest tensor, so no temporary per tensor), and one bucket count
+    (``torch.bincount`` on CPU, ``torch.histc`` on accelerators, neither of which syncs).
+
+    Args:
+        tensors: the tensors; ``None`` and empty tensors give a row of zeros.
+        bins: number of equal-width buckets.
+        device: where the result lives; defaults to the device of the first tensor.
+
+    Returns:
+        A tensor of shape ``(len(tensors), 7 + bins)`` (float64; float32 on MPS/XLA): per row the
+        finite min, max, sum, sum of squares, the non-finite count, the lower and upper bucket edge,
+        then the ``bins`` bucket counts. Decode it with :func:`to_histograms`.
+    """
+    _check_bins(bins)
+    values = [None if t is None else _values(t) for t in tensors]
+    out_device = device
+    if out_device is None:
+        out_device = next((v.device for v in values if v is not None), torch.device("cpu"))
+    groups: dict[torch.device, list[int]] = defaultdict(list)
+    for i, v in enumerate(values):
+        if v is not None and v.numel() > 0:
+            if v.is_complex():
+                raise TypeError(f"cannot histogram a complex tensor (position {i}, dtype {v.dtype})")
+            groups[v.device].append(i)
+    if len(groups) == 1:
+        ((dev, idx),) = groups.items()
+        if len(idx) == len(values) and dev == out_device:
+            return _device_rows([values[i] for i in idx], bins, dev)  # type: ignore[misc]
+    out = torch.zeros(
+        len(values), STAT_COLUMNS + bins, dtype=_accumulate_dtype(out_device), device=out_device
+    )
+    for dev, idx in groups.items():
+        rows = _device_rows([values[i] for i in idx], bins, dev)  # type: ignore[misc]
+        out[torch.tensor(idx, device=out_device)] = rows.to(out_device, out.dtype)
+    return out
+
+
+def _device_rows(values: list[Tensor], bins: int, device: torch.device) -> Tensor:
+    """Rows of :func:`histogram_stats` for non-empty tensors that all live on ``device``."""
+    acc = _accumulate_dtype(device)
+    flat = [v.reshape(-1) for v in values]
+    largest = max(x.numel() for x in flat)
+    work = torch.empty(largest, dtype=torch.float32, device=device)
+    needs_cast = any(x.dtype != torch.float32 for x in flat)
+    cast = torch.empty(largest, dtype=torch.float32, device=device) if needs_cast else None
+    ints = torch.empty(largest, dtype=torch.int32, device=device) if device.type == "cpu" else None
+
+    def as_float32(x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return x
+        return cast[: x.numel()].copy_(x)  # type: ignore[index]
+
+    # Pass 1: finite min and max (non-finite values replaced by a value that cannot win).
+    los: list[Tensor] = []
+    his: list[Tensor] = []
+    for x in flat:
+        x = as_float32(x)
+        w = work[: x.numel()]
+        los.append(torch.nan_to_num(x, _FMAX, _FMAX, _FMAX, out=w).amin())
+        his.append(torch.nan_to_num(x, -_FMAX, -_FMAX, -_FMAX, out=w).amax())
+    lo = torch.stack(los)
+    hi = torch.stack(his)
+
+    # Bucket mapping y = x * s + shift, so that finite x in [lo, hi] lands in [0, bins]. Constant
+    # tensors (and those without finite values) get s = 0 and land in the middle bucket; their edges
+    # are value -/+ 0.5. Products, not differences, keep x * s finite for any finite float32 x.
+    lo_acc, hi_acc = lo.to(acc), hi.to(acc)
+    width = hi_acc - lo_acc
+    scale = (bins / width).float()
+    flat_range = ~(width > 0) | ~torch.isfinite(scale)
+    s = torch.where(flat_range, torch.zeros_like(scale), scale)
+    shift = torch.where(flat_range, torch.full_like(scale, bins // 2), -(lo * s))
+    mid = torch.where(lo_acc <= hi_acc, (lo_acc + hi_acc) / 2, torch.zeros_like(lo_acc))
+    edge_lo = torch.where(flat_range, mid - 0.5, lo_acc)
+    edge_hi = torch.where(flat_range, mid + 0.5, hi_acc)
+    # Sums are taken over x * 2**-e with 2**e >= max |x| (exact scaling, |x * 2**-e| <= 1), so that
+    # neither the sum nor the sum of squares can overflow float32.
+    m = torch.maximum(lo.abs(), hi.abs())
+    m = torch.where((m > 0) & (lo <= hi), m, torch.ones_like(m))
+    _, exponent = torch.frexp(m)
+    pow2 = torch.ldexp(torch.ones_like(m, dtype=acc), exponent)
+    inv_pow2 = torch.ldexp(torch.ones_like(m), -exponent)
+
+    # Pass 2: sums and bucket counts. Bucket ``bins`` collects x == max (folded below),
+    # bucket ``bins + 1`` the non-finite values.
+    trash = float(bins + 1)
+    sums: list[Tensor] = []
+    squares: list[Tensor] = []
+    counts: list[Tensor] = []
+    for i, x in enumerate(flat):
+        x = as_float32(x)
+        w = work[: x.numel()]
+        torch.nan_to_num(x, 0.0, 0.0, 0.0, out=w).mul_(inv_pow2[i])
+        sums.append(w.sum())
+        squares.append(torch.dot(w, w))
+        torch.addcmul(shift[i], x, s[i], out=w)
+        w.nan_to_num_(trash, trash, trash)
+        counts.append(_bucket_counts(w, bins, ints))
+    c = torch.stack(counts).to(acc)
+    c[:, bins - 1] += c[:, bins]
+    total = torch.stack(sums).to(acc) * pow2
+    sum_sq = torch.stack(squares).to(acc) * pow2.square()
+    head = torch.stack([lo_acc, hi_acc, total, sum_sq, c[:, bins + 1], edge_lo, edge_hi], dim=1)
+    # Rows without any finite value: min/max/sums are meaningless, report zeros.
+    head[:, :_NONFINITE] *= (lo_acc <= hi_acc).to(acc).unsqueeze(1)
+    return torch.cat([head, c[:, :bins]], dim=1)
+
+
+def _bucket_counts(y: Tensor, bins: int, ints: Tensor | None) -> Tensor:
+    """Counts of ``floor(y)`` for ``y`` in ``[0, bins + 2)``, as ``bins + 2`` values.
+
+    With an int32 scratch buffer (CPU): ``torch.bincount`` of the truncated values. Without one
+    (accelerators, where ``bincount`` would sync to size its output): ``torch.histc`` with fixed
+    bounds, one bucket per integer.
+    """
+    if ints is not None:  # truncation toward zero also sends rounding noise in (-1, 0) to bucket 0
+        idx = ints[: y.numel()].copy_(y)
+        return torch.bincount(idx, minlength=bins + 2)
+    return torch.histc(y.clamp_(min=0.0), bins=bins + 2, min=0.0, max=float(bins + 2))
+
+
+def fetch_to_host(tensors: Sequence[Tensor]) -> list[np.ndarray]:
+    """Copy several device tensors to the host with a single transfer (one ``tolist``).
+
+    The tensors are flattened, cast to float64 (float32 on MPS/XLA) and concatenated on the device of
+    the first one; the result is a float64 NumPy array per tensor, in its original shape.
+    """
+    if not tensors:
+        return []
+    dev = tensors[0].device
+    acc = _accumulate_dtype(dev)
+    packed = torch.cat([t.detach().reshape(-1).to(dev, acc) for t in tensors])
+    host = np.asarray(packed.tolist(), dtype=np.float64)
+    out: list[np.ndarray] = []
+    start = 0
+    for t in tensors:
+        out.append(host[start : start + t.numel()].reshape(t.shape))
+        start += t.numel()
+    return out
+
+
+def to_histograms(stats: Tensor | np.ndarray) -> list[Histogram | None]:
+    """Decode :func:`histogram_stats` rows into :class:`Histogram` objects (one host transfer).
+
+    Args:
+        stats: the ``(n, 7 + bins)`` tensor, or the same values already on the host.
+
+    Returns:
+        One entry per row: ``None`` for a ``None`` or empty tensor, otherwise a histogram (with
+        ``num == 0`` when no value is finite).
+    """
+    host = fetch_to_host([stats])[0] if isinstance(stats, Tensor) else np.asarray(stats, np.float64)
+    if host.ndim != 2 or host.shape[1] <= STAT_COLUMNS:
+        raise ValueError(f"`stats` must have shape (n, {STAT_COLUMNS} + bins), got {tuple(host.shape)}")
+    bins = host.shape[1] - STAT_COLUMNS
+    out: list[Histogram | None] = []
+    for row in host:
+        counts = row[STAT_COLUMNS:]
+        num = round(float(counts.sum()))
+        nonfinite = round(float(row[_NONFINITE]))
+        if num == 0 and nonfinite == 0:
+            out.append(None)
+            continue
+        edges = np.linspace(row[_EDGE_LO], row[_EDGE_HI], bins + 1)
+        edges[-1] = row[_EDGE_HI]
+        out.append(
+            Histogram(
+                min=float(row[_MIN]),
+                max=float(row[_MAX]),
+                num=num,
+                sum=float(row[_SUM]),
+                sum_squares=float(row[_SUMSQ]),
+                bucket_limits=edges[1:].tolist(),
+                bucket_counts=counts.tolist(),
+                nonfinite=nonfinite,
+                lower_edge=float(edges[0]),
+            )
+        )
+    return out
+
+
+def tensor_histograms(tensors: Sequence[Tensor | None], bins: int = 64) -> list[Histogram | None]:
+    """Histograms of many tensors with one device-to-host transfer.
+
+    Args:
+        tensors: the tensors (``None`` and empty tensors give ``None``).
+        bins: number of equal-width buckets.
+    """
+    return to_histograms(histogram_stats(tensors, bins))
+
+
+def write_histograms(writer: Any, histograms: Mapping[str, Histogram | None], global_step: int) -> int:
+    """Write histograms through a ``SummaryWriter`` (``add_histogram_raw``); returns how many.
+
+    ``None`` entries and histograms without finite values are skipped (TensorBoard cannot show an
+    empty histogram).
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (a TensorBoardLogger's ``experiment``).
+        histograms: tag -> histogram.
+        global_step: the step to record.
+    """
+    written = 0
+    for tag, h in histograms.items():
+        if h is None or h.num == 0:
+            continue
+        writer.add_histogram_raw(
+            tag,
+            min=h.min,
+            max=h.max,
+            num=h.num,
+            sum=h.sum,
+            sum_squares=h.sum_squares,
+            bucket_limits=h.bucket_limits,
+            bucket_counts=h.bucket_counts,
+            global_step=global_step,
+        )
+        written += 1
+    return written
+
+
+def grad_flow_stats(grads: Sequence[Tensor | None], index: LayerIndex) -> Tensor:
+    """Per-layer mean and max of the absolute gradient, on the device (no host sync).
+
+    Args:
+        grads: one gradient per parameter of ``index`` (``None`` for a parameter without one).
+        index: the parameter-to-layer map (:meth:`LayerIndex.build`, ordered with
+            :meth:`LayerIndex.reorder` from input to output).
+
+    Returns:
+        A float32 tensor of shape ``(3, n_layers)``: mean |g|, max |g|, and the number of gradient
+        values of the layer (0 for a layer without gradients, whose mean and max are 0).
+    """
+    if len(grads) != len(index.params):
+        raise ValueError(f"`grads` has {len(grads)} entries but the index has {len(index.params)} parameters")
+    l1 = tensor_norms(grads, 1.0)
+    mx = tensor_norms(grads, math.inf)
+    dev = l1.device
+    numel = torch.tensor(
+        [0 if g is None else _values(g).numel() for g in grads], dtype=torch.float32, device=dev
+    )
+    layer_of = torch.tensor(index.layer_of, dtype=torch.long, device=dev)
+    n = len(index.layer_names)
+    l1_sum = torch.zeros(n, dtype=torch.float32, device=dev).index_add_(0, layer_of, l1)
+    count = torch.zeros(n, dtype=torch.float32, device=dev).index_add_(0, layer_of, numel)
+    layer_max = torch.zeros(n, dtype=torch.float32, device=dev).scatter_reduce_(
+        0, layer_of, mx, "amax", include_self=False
+    )
+    layer_max = torch.where(count > 0, layer_max, torch.zeros_like(layer_max))
+    return torch.stack([l1_sum / count.clamp_min(1.0), layer_max, count])
+
+
+def grad_flow_image(
+    layer_names: Sequence[str],
+    mean_abs: Sequence[float],
+    max_abs: Sequence[float],
+    title: str = "gradient flow",
+    dpi: int = 80,
+) -> np.ndarray:
+    """Draw the gradient-flow picture: per-layer max and mean |gradient|, input to output, log scale.
+
+    Layers without a gradient (max 0) are marked with a grey ``x`` at the bottom, non-finite ones
+    with a red ``x`` at the top. Drawn with matplotlib's Agg canvas (no pyplot state is touched).
+
+    Args:
+        layer_names: layer names from input to output.
+        mean_abs: mean absolute gradient of each layer.
+        max_abs: max absolute gradient of each layer.
+        title: the figure title.
+        dpi: resolution.
+
+    Returns:
+        An ``(H, W, 3)`` uint8 RGB image (``SummaryWriter.add_image(..., dataformats="HWC")``).
+
+    Raises:
+        ImportError: when matplotlib is not installed (``pip install stability-callbacks[recipes]``).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(layer_names)
+    means = np.asarray(mean_abs, dtype=np.float64)
+    maxes = np.asarray(max_abs, dtype=np.float64)
+    if means.shape != (n,) or maxes.shape != (n,):
+        raise ValueError(f"need one mean and one max per layer ({n}), got {means.shape} and {maxes.shape}")
+    finite = np.isfinite(means) & np.isfinite(maxes)
+    positive = finite & (maxes > 0)
+    shown = np.concatenate([means[positive & (means > 0)], maxes[positive]])
+    low = float(shown.min()) / 10 if shown.size else 1e-12
+    high = float(shown.max()) * 10 if shown.size else 1.0
+    x = np.arange(n)
+
+    fig = Figure(figsize=(max(6.0, min(0.25 * n + 2, 24.0)), 4.5), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(x[positive], maxes[positive], width=0.8, color="c", alpha=0.35, label="max |grad|")
+    ax.bar(
+        x[positive], np.maximum(means[positive], low), width=0.8, color="b", alpha=0.7, label="mean |grad|"
+    )
+    ax.plot(x[positive], maxes[positive], "c.", markersize=3)
+    if (finite & ~positive).any():
+        ax.plot(
+            x[finite & ~positive],
+            np.full((finite & ~positive).sum(), low * 1.5),
+            "x",
+            color="grey",
+            label="no gradient / zero",
+        )
+    if (~finite).any():
+        ax.plot(x[~finite], np.full((~finite).sum(), high / 1.5), "x", color="r", label="non-finite")
+    ax.set_yscale("log")
+    ax.set_ylim(low, high)
+    ax.set_xlim(-0.75, n - 0.25)
+    ax.set_xticks(x)
+    ax.set_xticklabels(list(layer_names), rotation=90, fontsize=6 if n > 20 else 8)
+    ax.set_xlabel("layer (input -> output)")
+    ax.set_ylabel("|gradient|")
+    ax.set_title(title, loc="left")
+    ax.grid(True, which="major", axis="y", alpha=0.3)
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout()
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[..., :3])
+
+
+def _compile_patterns(name: str, patterns: str | Sequence[str] | None) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    items = [patterns] if isinstance(patterns, str) else patterns
+    if not isinstance(items, Sequence) or not all(isinstance(p, str) for p in items):
+        raise ValueError(f"`{name}` must be a regular expression or a list of them, got {patterns!r}")
+    compiled = []
+    for p in items:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as err:
+            raise ValueError(f"`{name}` holds an invalid regular expression {p!r}: {err}") from err
+    return compiled
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = (
+        isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or (allow_zero and value == 0))
+    )
+    if not ok:
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"`{name}` must be {kind} integer{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _evenly(n: int, k: int | None) -> list[int]:
+    """``k`` indices out of ``range(n)``, evenly spread and keeping the first and the last."""
+    if k is None or n <= k:
+        return list(range(n))
+    if k == 1:
+        return [0]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+class HistogramLogger(StabilityCallback):
+    """Weight, gradient and activation histograms in TensorBoard, computed on the device.
+
+    On each logging step all histograms are computed on the device (:func:`histogram_stats`), copied
+    to the host in one transfer and written through the TensorBoardLogger's own ``SummaryWriter``
+    (``add_histogram_raw``; no second event file). Steps that do not log do nothing at all: no
+    statistics, no hooks, no host sync. Gradients are taken in ``on_before_optimizer_step``: after
+    AMP unscaling, before gradient clipping, once per optimizer step. Activations are the outputs of
+    the leaf modules, captured by forward hooks registered only for the first micro-batch of a
+    logging step and removed right after it.
+
+    Only global rank zero computes and writes. Without a TensorBoardLogger the callback warns once
+    and does nothing.
+
+    Written records:
+
+    =============================  =========  ========================================================
+    tag                            kind       content
+    =============================  =========  ========================================================
+    ``weights/<param>``            histogram  parameter values (``named_parameters`` name)
+    ``grads/<param>``              histogram  gradient as the optimizer sees it, before clipping
+    ``activations/<module>``       histogram  output of a leaf module (first call of the step)
+    ``nonfinite/<tag>``            scalar     NaN/inf count of a histogrammed tensor, only when > 0
+    ``grad_flow``                  image      per-layer mean and max abs gradient, input to output,
+                                              log scale (needs matplotlib)
+    =============================  =========  ========================================================
+
+    Args:
+        every_n_steps: histograms on optimizer steps ``n-1, 2n-1, ...`` (Lightning's convention).
+        weights: histogram the parameters.
+        grads: histogram the gradients.
+        activations: histogram the outputs of leaf modules.
+        bins: number of equal-width buckets of each histogram.
+        include: regular expression(s); if given, only tags matching one of them (``re.search``) are
+            written, e.g. ``r"^grads/"`` or ``r"layer4"``.
+        exclude: regular expression(s); tags matching one of them are not written, e.g. ``r"\\.bias$"``.
+        max_tensors: at most this many histograms per kind (weights, grads, activations) and step,
+            evenly spread from the first to the last layer; ``None`` for all.
+        figure_every_n_steps: the gradient-flow picture on steps ``n-1, 2n-1, ...``; ``None`` for the
+            same cadence as the histograms, ``0`` for never.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        weights: bool = True,
+        grads: bool = True,
+        activations: bool = False,
+        bins: int = 64,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        max_tensors: int | None = None,
+        figure_every_n_steps: int | None = None,
+    ) -> None:
+        _positive_int("every_n_steps", every_n_steps)
+        _check_bins(bins)
+        _positive_int("max_tensors", max_tensors, allow_none=True)
+        _positive_int("figure_every_n_steps", figure_every_n_steps, allow_none=True, allow_zero=True)
+        for name, flag in (("weights", weights), ("grads", grads), ("activations", activations)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"`{name}` must be a bool, got {flag!r}")
+        self.every_n_steps = every_n_steps
+        self.weights = weights
+        self.grads = grads
+        self.activations = activations
+        self.bins = bins
+        self.include = include
+        self.exclude = exclude
+        self.max_tensors = max_tensors
+        self.figure_every_n_steps = every_n_steps if figure_every_n_steps is None else figure_every_n_steps
+        self._include = _compile_patterns("include", include)
+        self._exclude = _compile_patterns("exclude", exclude)
+        self._param_names: dict[int, str] = {}
+        self._index: LayerIndex | None = None
+        self._act_modules: list[tuple[str, nn.Module]] = []
+        self._handles: list[RemovableHandle] = []
+        self._act_rows: dict[str, Tensor] = {}
+        self._act_step = -1
+        self._order_cm: AbstractContextManager[list[str]] | None = None
+        self._order: list[str] | None = None
+        self._warned = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            weights=self.weights,
+            grads=self.grads,
+            activations=self.activations,
+            bins=self.bins,
+            include=self.include,
+            exclude=self.exclude,
+            max_tensors=self.max_tensors,
+        )
+
+    def _wanted(self, tag: str) -> bool:
+        if self._include and not any(p.search(tag) for p in self._include):
+            return False
+        return not any(p.search(tag) for p in self._exclude)
+
+    def _writer(self, trainer: pl.Trainer) -> Any | None:
+        writer = tensorboard_writer(trainer)
+        if writer is None and trainer.is_global_zero and not self._warned:
+            self._warned = True
+            rank_zero_warn(
+                "HistogramLogger needs a TensorBoardLogger (Trainer(logger=TensorBoardLogger(...))); "
+                "no histograms or images will be written."
+            )
+        return writer
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+            raise ValueError(
+                f"HistogramLogger cannot histogram sharded parameters ({type(trainer.strategy).__name__}): "
+                "rank zero holds only its shard. Use a data-parallel strategy to record histograms."
+            )
+        # Histogram the gradients before any clipping: run ahead of the callbacks that modify them.
+        callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
+        mine = callbacks.index(self) if self in callbacks else -1
+        first = next((i for i, c in enumerate(callbacks) if getattr(c, "modifies_gradients", False)), None)
+        if first is not None and 0 <= first < mine:
+            callbacks.insert(first, callbacks.pop(mine))
+        self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._index = LayerIndex.build(pl_module)
+        leaves = [
+            (name, mod)
+            for name, mod in pl_module.named_modules()
+            if name and next(mod.children(), None) is None and self._wanted(f"activations/{name}")
+        ]
+        self._act_modules = [leaves[i] for i in _evenly(len(leaves), self.max_tensors)]
+        self._order = None
+
+    # -- hooks around the forward pass -------------------------------------------------------------
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self.figure_every_n_steps and self._order is None and self._order_cm is None:
+            self._order_cm = forward_order(pl_module)
+            self._order_list = self._order_cm.__enter__()
+        if (
+            self.activations
+            and self._act_modules
+            and is_logging_step(trainer, self.every_n_steps)
+            and self._act_step != trainer.global_step
+            and self._writer(trainer) is not None
+        ):
+            self._act_step = trainer.global_step
+            self._act_rows = {}
+            for name, mod in self._act_modules:
+                self._handles.append(mod.register_forward_hook(self._make_hook(name)))
+
+    def _make_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        rows = self._act_rows
+        bins = self.bins
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if name in rows or not isinstance(output, Tensor) or output.numel() == 0 or output.is_complex():
+                return
+            rows[name] = histogram_stats([output], bins)
+
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _stop_recording_order(self, pl_module: pl.LightningModule) -> None:
+        if self._order_cm is None:
+            return
+        self._order_cm.__exit__(None, None, None)
+        self._order_cm = None
+        if self._order_list and self._index is not None:
+            self._order = list(self._order_list)
+            self._index = self._index.reorder(self._order)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._remove_hooks()
+        self._stop_recording_order(pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        self._stop_recording_order(pl_module)
+        self._act_rows = {}
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._remove_hooks()
+        self._stop_recording_order(pl_module)
+        super().on_exception(trainer, pl_module, exception)
+
+    # -- the logging step --------------------------------------------------------------------------
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        self._remove_hooks()
+        if not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        hist = is_logging_step(trainer, self.every_n_steps)
+        fig = bool(self.figure_every_n_steps) and is_logging_step(trainer, self.figure_every_n_steps)
+        act_rows = self._act_rows if self._act_step == step else {}
+        self._act_rows = {}
+        if not (hist or fig):
+            return
+        writer = self._writer(trainer)
+        if writer is None:
+            return
+
+        tags: list[str] = []
+        tensors: list[Tensor | None] = []
+        if hist:
+            params = optimizer_params(optimizer)
+            for kind, wanted in (("weights", self.weights), ("grads", self.grads)):
+                if not wanted:
+                    continue
+                chosen = [
+                    (
+                        f"{kind}/{self._param_names.get(id(p), f'param_{i}')}",
+                        p if kind == "weights" else p.grad,
+                    )
+                    for i, p in enumerate(params)
+                    if kind == "weights" or p.grad is not None
+                ]
+                chosen = [(tag, t) for tag, t in chosen if self._wanted(tag)]
+                for j in _evenly(len(chosen), self.max_tensors):
+                    tags.append(chosen[j][0])
+                    tensors.append(chosen[j][1])
+        blocks: list[Tensor] = []
+        if tensors:
+            blocks.append(histogram_stats(tensors, self.bins))
+        act_tags = [f"activations/{name}" for name in act_rows] if hist else []
+        if act_tags:
+            blocks.extend(act_rows.values())
+        flow_at = len(blocks)
+        if fig and self._index is not None and self._index.params:
+            blocks.append(grad_flow_stats([p.grad for p in self._index.params], self._index))
+        if not blocks:
+            return
+
+        host = fetch_to_host(blocks)  # the one device-to-host transfer of this step
+        if flow_at:
+            hists = to_histograms(np.concatenate(host[:flow_at], axis=0))
+            records = dict(zip([*tags, *act_tags], hists, strict=True))
+            write_histograms(writer, records, step)
+            for tag, h in records.items():
+                if h is not None and h.nonfinite > 0:
+                    writer.add_scalar(f"nonfinite/{tag}", h.nonfinite, step)
+        if len(host) > flow_at:
+            self._write_figure(writer, host[flow_at], step)
+
+    def _write_figure(self, writer: Any, flow: np.ndarray, step: int) -> None:
+        assert self._index is not None  # set in setup; the figure step is only reached after it
+        try:
+            image = grad_flow_image(
+                self._index.layer_names, flow[0], flow[1], title=f"gradient flow, step {step}"
+            )
+        except ImportError:
+            rank_zero_warn(
+                "HistogramLogger draws the gradient-flow picture with matplotlib, which is not installed "
+                "(pip install 'stability-callbacks[recipes]'); the picture is skipped."
+            )
+            self.figure_every_n_steps = 0
+            return
+        writer.add_image("grad_flow", image, step, dataformats="HWC")

@@ -1,0 +1,181 @@
+"""NonFiniteGuard: skip or halt an optimizer step whose gradients hold a NaN or an infinity.
+
+The check runs in ``on_before_optimizer_step`` (after AMP unscaling, before any weight changes): one
+fused norm pass over the gradients, a sum of the per-rank flags across ranks (so every rank takes the
+same decision), and one host read of that flag. Deciding whether a step happens needs that one read
+each step, exactly as AMP's GradScaler reads its found-inf flag each step.
+
+A skipped step leaves the weights *and* the optimizer state untouched: the guard sets every gradient
+of the optimizer to ``None`` for that step, and ``torch.optim`` optimizers leave a parameter without a
+gradient alone (no weight decay, no moment decay, no step count). Zeroing the gradients would not do:
+Adam's moments would still decay, its step count advance, and weight decay still apply. The learning
+rate scheduler and ``trainer.global_step`` still advance, as they do for a step AMP skips.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from stability_callbacks._trainer import StabilityCallback, is_logging_step, log_scalars, optimizer_params
+from stability_callbacks.clipping import ValueClip, total_grad_norm
+from stability_callbacks.stats import nonfinite_counts
+
+__all__ = ["NonFiniteGradientError", "NonFiniteGuard"]
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Raised by :class:`NonFiniteGuard` before an optimizer step with non-finite gradients."""
+
+
+class NonFiniteGuard(StabilityCallback):
+    """Skip (or halt at) optimizer steps whose gradients are not finite, identically on every rank.
+
+    - ``action="skip"``: the step is skipped (weights and optimizer state untouched) and counted; after
+      ``max_consecutive`` non-finite steps in a row it raises :class:`NonFiniteGradientError`, since
+      training is not recovering.
+    - ``action="halt"``: raises :class:`NonFiniteGradientError` at the first non-finite step, before the
+      weights change, so a checkpoint written on exception (``OnExceptionCheckpoint``) holds finite
+      weights.
+    - Under AMP's GradScaler (``16-mixed``), an infinite step is the scaler's own overflow check: the
+      scaler skips it and lowers its scale, the guard only counts it, and raises only after
+      ``max_consecutive`` such steps in a row (with either action).
+
+    Put the guard before :class:`~stability_callbacks.ValueClip` in the callback list: value clipping
+    turns an infinite element into a finite one.
+
+    Args:
+        action: ``"skip"`` or ``"halt"``.
+        max_consecutive: how many non-finite steps in a row end the run (``None``: never, for
+            ``"skip"`` and for the GradScaler's steps).
+        log_every_n_steps: logging cadence in optimizer steps; ``None`` uses the trainer's.
+
+    Logged every ``log_every_n_steps`` optimizer steps (no extra host transfer):
+
+    =====================  ==============================================================
+    key                    value
+    =====================  ==============================================================
+    ``guard/nonfinite``    1.0 when this step's gradients were not finite
+    ``guard/skipped``      steps skipped so far (by the guard or by the GradScaler)
+    =====================  ==============================================================
+    """
+
+    modifies_gradients = True
+
+    def __init__(
+        self, action: str = "skip", max_consecutive: int | None = 10, log_every_n_steps: int | None = None
+    ) -> None:
+        super().__init__()
+        if action not in ("skip", "halt"):
+            raise ValueError(f"`action` must be 'skip' or 'halt', got {action!r}")
+        if max_consecutive is not None and (
+            not isinstance(max_consecutive, int) or isinstance(max_consecutive, bool) or max_consecutive < 1
+        ):
+            raise ValueError(f"`max_consecutive` must be a positive int or None, got {max_consecutive!r}")
+        if log_every_n_steps is not None and (
+            not isinstance(log_every_n_steps, int)
+            or isinstance(log_every_n_steps, bool)
+            or log_every_n_steps < 1
+        ):
+            raise ValueError(f"`log_every_n_steps` must be a positive int or None, got {log_every_n_steps!r}")
+        self.action = action
+        self.max_consecutive = max_consecutive
+        self.log_every_n_steps = log_every_n_steps
+        self.skipped = 0  # steps the guard skipped
+        self.scaler_skipped = 0  # non-finite steps left to the GradScaler
+        self.consecutive = 0  # non-finite steps in a row
+        self._warned = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(action=self.action, max_consecutive=self.max_consecutive)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+        if self in callbacks:
+            before = callbacks[: callbacks.index(self)]
+            if any(isinstance(cb, ValueClip) for cb in before):
+                rank_zero_warn(
+                    "NonFiniteGuard runs after ValueClip, which turns infinite gradient elements into finite "
+                    "ones; put the guard first in `callbacks` so it sees them."
+                )
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        params = optimizer_params(optimizer)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flag = (~torch.isfinite(total_grad_norm(grads))).float()
+        flag = trainer.strategy.reduce(flag, reduce_op="sum")  # every rank sees every rank's flag
+        bad = bool(flag.item() > 0)
+        if bad:
+            self.consecutive += 1
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            if scaler is not None and scaler.is_enabled():
+                self.scaler_skipped += 1
+                self._check_consecutive(trainer, pl_module, params)
+            elif self.action == "halt":
+                raise NonFiniteGradientError(
+                    f"NonFiniteGuard: non-finite gradients at step {trainer.global_step}, run halted before "
+                    f"the optimizer step ({self._describe(pl_module, params)})."
+                )
+            else:
+                self._check_consecutive(trainer, pl_module, params)
+                for p in params:
+                    p.grad = None  # the optimizer leaves the parameter and its state alone
+                self.skipped += 1
+                if not self._warned:
+                    self._warned = True
+                    rank_zero_warn(
+                        f"NonFiniteGuard: skipped step {trainer.global_step} with non-finite gradients "
+                        f"({self._describe(pl_module, params)}); later skips are counted in guard/skipped."
+                    )
+        else:
+            self.consecutive = 0
+        every: int = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 0
+        if trainer.loggers and every and is_logging_step(trainer, every):
+            log_scalars(
+                trainer,
+                {"guard/nonfinite": float(bad), "guard/skipped": float(self.skipped + self.scaler_skipped)},
+            )
+
+    def _check_consecutive(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor]
+    ) -> None:
+        if self.max_consecutive is not None and self.consecutive >= self.max_consecutive:
+            raise NonFiniteGradientError(
+                f"NonFiniteGuard: {self.consecutive} optimizer steps in a row had non-finite gradients "
+                f"(last at step {trainer.global_step}: {self._describe(pl_module, params)}); stopping."
+            )
+
+    @staticmethod
+    def _describe(pl_module: pl.LightningModule, params: list[Tensor], limit: int = 5) -> str:
+        """Names and non-finite counts of the first parameters with non-finite gradients (host side)."""
+        with_grad = [p for p in params if p.grad is not None]
+        counts = nonfinite_counts([p.grad for p in with_grad]).tolist()
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        bad = [(names.get(id(p), "?"), c) for p, c in zip(with_grad, counts, strict=True) if c]
+        if not bad:
+            return "the total norm overflowed"
+        shown = ", ".join(f"{n}: {c}" for n, c in bad[:limit])
+        more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+        return f"non-finite values in {shown}{more}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "skipped": self.skipped,
+            "scaler_skipped": self.scaler_skipped,
+            "consecutive": self.consecutive,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.scaler_skipped = int(state_dict.get("scaler_skipped", 0))
+        self.consecutive = int(state_dict.get("consecutive", 0))

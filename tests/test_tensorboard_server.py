@@ -9,12 +9,17 @@ them back through TensorBoard's HTTP data API, the one its web page uses:
 * ``/data/plugin/images/tags``, ``/data/plugin/images/images?run=..&tag=..`` and
   ``/data/plugin/images/individualImage?blob_key=..``
 
-Only the ``tensorboard`` package is needed (no browser, no network beyond the loopback interface).
+Checked: every scalar tag of GradientMonitor is served with the values it logged; every
+``weights/<param>`` and ``grads/<param>`` histogram of HistogramLogger is served with the range and
+bucket counts of a naive count over the same tensors; the ``grad_flow`` picture is served as the PNG
+that the same statistics, counted naively, draw. Needs the ``tensorboard`` package and matplotlib
+(no browser, no network beyond the loopback interface).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -28,24 +33,29 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import MLPModule, make_loader, make_trainer
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from torch.optim import Optimizer
 
+from stability_callbacks.histograms import HistogramLogger, grad_flow_image
 from stability_callbacks.monitor import GradientMonitor
 
-try:
-    from stability_callbacks.histograms import HistogramLogger
-except ImportError:  # the callback is not part of the library yet
-    HistogramLogger = None
-
 STEPS = 4
+HIST_EVERY = 2  # histograms and the gradient-flow picture on steps 1 and 3
+HIST_STEPS = [s for s in range(STEPS) if (s + 1) % HIST_EVERY == 0]
+BINS = 16
 RUN = "fit/run"  # TensorBoardLogger(save_dir=logdir, name="fit", version="run") -> run "fit/run"
 SERVER_TIMEOUT_S = 60.0
 POLL_INTERVAL_S = 0.1
@@ -85,6 +95,24 @@ class RecordingLogger(Logger):
         return {k for _, m in self.rows for k in m}
 
 
+class TensorSpy(Callback):
+    """Copies of every parameter and gradient on the histogram steps, as the optimizer sees them."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, dict[str, Tensor]] = {}
+        self.grads: dict[int, dict[str, Tensor]] = {}
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if trainer.global_step in HIST_STEPS:
+            named = list(pl_module.named_parameters())
+            self.weights[trainer.global_step] = {n: p.detach().clone() for n, p in named}
+            self.grads[trainer.global_step] = {
+                n: p.grad.detach().clone() for n, p in named if p.grad is not None
+            }
+
+
 @dataclass
 class Served:
     """A running server over the logs of one fit, and what that fit logged."""
@@ -92,7 +120,7 @@ class Served:
     url: str
     model: MLPModule
     recorder: RecordingLogger
-    image_tags: set[str] = field(default_factory=set)
+    spy: TensorSpy
 
     def get(self, route: str, **query: Any) -> bytes:
         address = self.url + route + ("?" + urllib.parse.urlencode(query) if query else "")
@@ -123,11 +151,9 @@ def expected_tags(model: torch.nn.Module) -> dict[str, set[str]]:
     """Tags each TensorBoard plugin must serve for our callbacks, from the model's own names."""
     scalars = {"grad_norm/total", *(f"grad_norm/{n}" for n in layer_names(model))}
     scalars |= {f"grad_health/{k}" for k in ("depth_ratio", "vanishing", "exploding", "nonfinite")}
-    tags = {"scalars": scalars, "histograms": set(), "images": set()}
-    if HistogramLogger is not None:
-        params = [n for n, _ in model.named_parameters()]
-        tags["histograms"] = {f"weights/{n}" for n in params} | {f"grads/{n}" for n in params}
-    return tags
+    params = [n for n, _ in model.named_parameters()]
+    histograms = {f"weights/{n}" for n in params} | {f"grads/{n}" for n in params}
+    return {"scalars": scalars, "histograms": histograms, "images": {"grad_flow"}}
 
 
 def missing_tags(served: Served, expected: dict[str, set[str]]) -> dict[str, set[str]]:
@@ -217,9 +243,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     torch.manual_seed(0)
     model = MLPModule(depth=3, width=16, activation=torch.nn.Sigmoid)
     recorder = RecordingLogger()
-    callbacks: list[Any] = [GradientMonitor(log_every_n_steps=1, warn=False)]
-    if HistogramLogger is not None:
-        callbacks.append(HistogramLogger(log_every_n_steps=2))
+    spy = TensorSpy()
+    callbacks: list[Callback] = [
+        GradientMonitor(log_every_n_steps=1, warn=False),
+        HistogramLogger(every_n_steps=HIST_EVERY, bins=BINS),
+        spy,
+    ]
     trainer = make_trainer(
         workdir,
         logger=[TensorBoardLogger(save_dir=str(logdir), name="fit", version="run"), recorder],
@@ -231,7 +260,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
     server, url = start_server(logdir, workdir)
     try:
-        result = Served(url, model, recorder)
+        result = Served(url, model, recorder, spy)
         wait_until_served(server, result, expected_tags(model))
         yield result
     finally:
@@ -276,3 +305,56 @@ def test_served_total_norm_is_the_norm_of_the_served_layer_norms(served: Served)
     ratio = values("grad_health/depth_ratio")
     for step in total:
         assert ratio[step] == pytest.approx(first[step] / last[step], rel=1e-5)
+
+
+def test_histogram_tags_are_served(served: Served) -> None:
+    listed = set(served.json("/data/plugin/histograms/tags")[RUN])
+    params = [n for n, _ in served.model.named_parameters()]
+    assert len(params) == 6
+    assert {f"weights/{n}" for n in params} | {f"grads/{n}" for n in params} <= listed
+
+
+def test_served_histograms_match_the_tensors(served: Served) -> None:
+    """Each served histogram has the tensor's range and, bucket by bucket, the counts of a naive count."""
+    for kind, recorded in (("weights", served.spy.weights), ("grads", served.spy.grads)):
+        assert sorted(recorded) == HIST_STEPS
+        for name, _ in served.model.named_parameters():
+            rows = served.json("/data/plugin/histograms/histograms", run=RUN, tag=f"{kind}/{name}")
+            assert [step for _, step, _ in rows] == HIST_STEPS, (kind, name)
+            for _, step, buckets in rows:
+                values = recorded[step][name].double().flatten().numpy()
+                left = np.array([b[0] for b in buckets])
+                right = np.array([b[1] for b in buckets])
+                counts = np.array([b[2] for b in buckets])
+                assert len(buckets) == BINS
+                np.testing.assert_array_equal(left[1:], right[:-1])  # contiguous buckets
+                assert left[0] == pytest.approx(values.min(), rel=1e-6, abs=1e-12), (kind, name, step)
+                assert right[-1] == pytest.approx(values.max(), rel=1e-6, abs=1e-12), (kind, name, step)
+                assert counts.sum() == values.size, (kind, name, step)
+                reference, _ = np.histogram(values, bins=np.append(left, right[-1]))
+                np.testing.assert_array_equal(counts, reference, err_msg=f"{kind}/{name} step {step}")
+
+
+def test_gradient_flow_image_is_served(served: Served) -> None:
+    assert "grad_flow" in served.json("/data/plugin/images/tags")[RUN]
+    entries = served.json("/data/plugin/images/images", run=RUN, tag="grad_flow")
+    assert [e["step"] for e in entries] == HIST_STEPS
+    png = served.get("/data/plugin/images/individualImage?" + entries[-1]["query"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+    served_image = np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB"))
+    assert served_image.shape == (height, width, 3)
+
+    # The same picture drawn from per-layer statistics counted naively from the spied gradients.
+    step = HIST_STEPS[-1]
+    grads = served.spy.grads[step]
+    layers = layer_names(served.model)
+    means, maxes = [], []
+    for layer in layers:
+        values = torch.cat([g.flatten() for n, g in grads.items() if n.rpartition(".")[0] == layer])
+        means.append(values.abs().double().mean().item())
+        maxes.append(values.abs().max().item())
+    assert maxes[0] < maxes[-1]  # sigmoid: smaller gradients toward the input
+    expected = grad_flow_image(layers, means, maxes, title=f"gradient flow, step {step}")
+    assert served_image.shape == expected.shape
+    assert (served_image != expected).any(axis=-1).mean() < 0.001

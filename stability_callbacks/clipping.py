@@ -129,7 +129,7 @@ def total_grad_norm(grads: Sequence[Tensor], accumulate_dtype: torch.dtype | Non
     parts: list[Tensor] = []
     groups = _group_tensors_by_device_and_dtype([grads])  # type: ignore[list-item]
     for (device, dtype), ((tensors,), _) in groups.items():
-        acc = accumulate_dtype or default_accumulate_dtype(device)
+        acc = torch.promote_types(accumulate_dtype or default_accumulate_dtype(device), dtype)
         if acc == dtype:
             norms = torch._foreach_norm(tensors, 2.0)  # type: ignore[arg-type]
         else:

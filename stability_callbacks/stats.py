@@ -117,10 +117,12 @@ def _group_norms(
 ) -> Tensor:
     if math.isinf(norm_type):  # a max needs no wider accumulator
         norms = torch._foreach_norm(group, norm_type)
-    elif accumulate_dtype is not None and accumulate_dtype == group[0].dtype:
-        norms = torch._foreach_norm(group, norm_type)  # the vectorised same-dtype kernel
     else:
-        norms = torch._foreach_norm(group, norm_type, dtype=accumulate_dtype or _accumulate_dtype(device))
+        acc = torch.promote_types(accumulate_dtype or _accumulate_dtype(device), group[0].dtype)
+        if acc == group[0].dtype:
+            norms = torch._foreach_norm(group, norm_type)  # the vectorised same-dtype kernel
+        else:
+            norms = torch._foreach_norm(group, norm_type, dtype=acc)
     return torch.stack(norms).float()
 
 

@@ -1,0 +1,462 @@
+"""Clipping: hand-computed cases, policies against naive references, setup errors, logging, host syncs,
+resume equality and an exploding RNN kept finite."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import MLPModule, count_host_syncs, make_loader, make_trainer
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from stability_callbacks.clipping import (
+    AGC,
+    AutoClip,
+    NormClip,
+    PercentilePolicy,
+    ValueClip,
+    ZClip,
+    ZScorePolicy,
+    check_clipping_setup,
+    clip_grad_norm_to,
+    clip_grad_value_,
+    total_grad_norm,
+    unitwise_norms,
+)
+
+# ---------------------------------------------------------------------------------------------------
+# Layer 1, by hand
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_clip_grad_norm_to_by_hand() -> None:
+    grads = [torch.tensor([3.0]), torch.tensor([[4.0]])]  # total norm 5
+    d = clip_grad_norm_to(grads, torch.tensor(1.0))
+    coef = 1.0 / (5.0 + 1e-6)
+    assert d.norm_pre.item() == pytest.approx(5.0)
+    assert d.coef.item() == pytest.approx(coef, rel=1e-6)
+    assert grads[0].item() == pytest.approx(3.0 * coef, rel=1e-6)
+    assert grads[1].item() == pytest.approx(4.0 * coef, rel=1e-6)
+    assert d.norm_post.item() == pytest.approx(1.0, rel=1e-5)
+    assert d.clipped.item() == 1.0 and d.threshold.item() == 1.0
+
+    grads = [torch.tensor([3.0]), torch.tensor([4.0])]
+    d = clip_grad_norm_to(grads, 10.0)
+    assert d.clipped.item() == 0.0 and d.coef.item() == 1.0
+    assert grads[0].item() == 3.0 and grads[1].item() == 4.0
+
+
+def test_clip_grad_norm_to_leaves_non_finite_steps_alone() -> None:
+    grads = [torch.tensor([3.0, float("nan")]), torch.tensor([4.0])]
+    d = clip_grad_norm_to(grads, 1.0)
+    assert not d.finite.item() and d.coef.item() == 1.0 and d.clipped.item() == 0.0
+    assert grads[0][0].item() == 3.0 and grads[1].item() == 4.0
+
+
+def test_clip_grad_value_by_hand() -> None:
+    grads = [torch.tensor([-3.0, 0.5, 2.0]), torch.tensor([[1.5]])]
+    clip_grad_value_(grads, 1.0)
+    assert grads[0].tolist() == [-1.0, 0.5, 1.0] and grads[1].item() == 1.0
+
+
+def test_total_grad_norm_matches_torch_and_handles_sparse() -> None:
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2, 2).double()]
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten().double() for g in grads]))
+    assert total_grad_norm(grads).item() == pytest.approx(expected.item(), rel=1e-6)
+    sparse = torch.sparse_coo_tensor([[0, 0, 2]], [3.0, 1.0, 0.0], (4,))  # duplicate index: 3 + 1
+    assert total_grad_norm([sparse, torch.tensor([3.0])]).item() == pytest.approx(5.0)
+
+
+def test_unitwise_norms_by_hand() -> None:
+    w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    conv = torch.zeros(2, 1, 2, 2)
+    conv[0, 0] = torch.tensor([[1.0, 1.0], [1.0, 1.0]])  # unit norm 2
+    bias = torch.tensor([6.0, 8.0])  # one unit: norm 10
+    big = torch.ones(70000, 4)  # reduced in place, not flattened
+    out = unitwise_norms([w, conv, bias, big])
+    assert out[0].tolist() == [5.0, 1.0]
+    assert out[1].tolist() == [2.0, 0.0]
+    assert out[2].shape == () and out[2].item() == 10.0
+    assert out[3].shape == (70000,) and torch.all(out[3] == 2.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Percentile policy (AutoClip)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_percentile_policy_by_hand() -> None:
+    policy = PercentilePolicy(percentile=50.0, history=3, include_current=False)
+    thresholds = [policy.step(torch.tensor(x)).item() for x in (1.0, 2.0, 3.0, 4.0, 5.0)]
+    # history before each step: [], [1], [1,2], [1,2,3], [2,3,4]
+    assert thresholds == [math.inf, 1.0, 1.5, 2.0, 3.0]
+    current = PercentilePolicy(percentile=50.0, history=3, include_current=True)
+    assert [current.step(torch.tensor(x)).item() for x in (1.0, 3.0, 8.0)] == [1.0, 2.0, 3.0]
+
+
+def test_percentile_policy_ignores_non_finite_norms() -> None:
+    policy = PercentilePolicy(percentile=100.0, history=4, include_current=True)
+    policy.step(torch.tensor(2.0))
+    for bad in (float("nan"), float("inf")):
+        assert policy.step(torch.tensor(bad)).item() == 2.0
+    assert policy.state_dict()["count"] == 1
+    assert policy.step(torch.tensor(1.0)).item() == 2.0
+
+
+@pytest.mark.parametrize("include_current", [True, False])
+def test_percentile_policy_equals_torch_quantile_over_a_naive_window(include_current: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    norms = (torch.rand(60, generator=g) * 10).tolist()
+    policy = PercentilePolicy(percentile=37.0, history=7, include_current=include_current)
+    window: list[float] = []
+    for x in norms:
+        if include_current:
+            window = [*window, x][-7:]
+        expected = torch.quantile(torch.tensor(window), 0.37).item() if window else math.inf
+        assert policy.step(torch.tensor(x)).item() == expected
+        if not include_current:
+            window = [*window, x][-7:]
+
+
+def test_percentile_policy_state_round_trip_and_resize() -> None:
+    policy = PercentilePolicy(percentile=50.0, history=4)
+    for x in (5.0, 1.0, 2.0, 8.0, 3.0, 4.0):
+        policy.step(torch.tensor(x))
+    copy = PercentilePolicy(percentile=50.0, history=4)
+    copy.load_state_dict(policy.state_dict())
+    assert copy.step(torch.tensor(6.0)).item() == policy.step(torch.tensor(6.0)).item()
+    smaller = PercentilePolicy(percentile=100.0, history=2)
+    smaller.load_state_dict(policy.state_dict())  # keeps the most recent entries: 4, 6
+    assert smaller.state_dict()["count"] == 2
+    assert smaller.step(torch.tensor(0.0)).item() == 6.0  # 0 replaced the oldest entry, 4
+    assert smaller.state_dict()["buffer"] == [0.0, 6.0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Z-score policy (ZClip), by hand
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_zscore_policy_by_hand() -> None:
+    policy = ZScorePolicy(alpha=0.5, z_thresh=2.0, warmup_steps=2, eps=0.0)
+    for x in (1.0, 3.0):  # warm-up: mean 2, var 1, nothing clipped
+        assert policy.step(torch.tensor(x)).coef.item() == 1.0
+    d = policy.step(torch.tensor(10.0))  # z = 8 > 2: eta = 4, value = 2 + 2 * 1 / 4 = 2.5
+    assert d.clipped.item() == 1.0
+    assert d.coef.item() == pytest.approx(2.5 / (10.0 + 1e-6), rel=1e-6)
+    assert d.threshold.item() == pytest.approx(4.0)  # mean + z_thresh * std
+    # EMA updated with the clip value 2.5: mean = 2.25, var = 0.5 * 1 + 0.5 * 0.25^2
+    assert policy.mean is not None and policy.var is not None
+    assert policy.mean.item() == pytest.approx(2.25) and policy.var.item() == pytest.approx(0.53125)
+    d = policy.step(torch.tensor(2.0))
+    assert d.clipped.item() == 0.0 and d.coef.item() == 1.0
+
+
+def test_zscore_policy_non_finite_norm_never_enters_the_statistics() -> None:
+    policy = ZScorePolicy(warmup_steps=2)
+    for x in (1.0, float("nan"), 3.0, float("inf"), 2.0):
+        d = policy.step(torch.tensor(x))
+        if not math.isfinite(x):
+            assert d.coef.item() == 1.0 and not d.finite.item()
+    state = policy.state_dict()
+    assert state["count"] == 2 and all(math.isfinite(v) for v in (state["mean"], state["var"]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"percentile": -1.0}, "percentile"),
+        ({"percentile": 101}, "percentile"),
+        ({"history": 0}, "history"),
+        ({"history": 2.5}, "history"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps"),
+    ],
+)
+def test_autoclip_validation(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        AutoClip(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": 1.0}, "alpha"),
+        ({"z_thresh": 0}, "z_thresh"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm"),
+        ({"warmup_steps": 0}, "warmup_steps"),
+        ({"mode": "median"}, "mode"),
+        ({"clip_option": "max"}, "clip_option"),
+        ({"clip_factor": 0.0}, "clip_factor"),
+    ],
+)
+def test_zclip_validation(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        ZClip(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("factory", "name"),
+    [
+        (lambda: AGC(clip_factor=0.0), "clip_factor"),
+        (lambda: AGC(eps=-1.0), "eps"),
+        (lambda: AGC(exclude="head.*"), "exclude"),
+        (lambda: NormClip(max_norm=0.0), "max_norm"),
+        (lambda: ValueClip(max_value=-2.0), "max_value"),
+    ],
+)
+def test_other_validation(factory: Any, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        factory()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup errors
+# ---------------------------------------------------------------------------------------------------
+
+ALL = [AutoClip, ZClip, AGC, NormClip, ValueClip]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_error_with_trainer_gradient_clip_val(tmp_path: Path, cls: type[Callback]) -> None:
+    trainer = make_trainer(tmp_path, max_steps=1, gradient_clip_val=1.0, callbacks=[cls()])
+    with pytest.raises(MisconfigurationException, match="gradient_clip_val"):
+        trainer.fit(MLPModule(), make_loader())
+
+
+class Manual(MLPModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.manual_backward(loss)
+        opt.step()  # type: ignore[union-attr]
+        opt.zero_grad()  # type: ignore[union-attr]
+        return loss
+
+
+def test_error_under_manual_optimization(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, max_steps=1, callbacks=[ZClip()])
+    with pytest.raises(MisconfigurationException, match="manual_backward"):
+        trainer.fit(Manual(), make_loader())
+
+
+class FusedAdam(MLPModule):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+
+
+def test_error_with_fused_optimizer_under_16_mixed(tmp_path: Path) -> None:
+    plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    trainer = make_trainer(tmp_path, max_steps=1, plugins=[plugin], callbacks=[AutoClip()])
+    with pytest.raises(MisconfigurationException, match="fused"):
+        trainer.fit(FusedAdam(), make_loader())
+
+
+def test_error_under_sharded_strategy() -> None:
+    class FakeTrainer:
+        gradient_clip_val = None
+        strategy = FSDPStrategy()
+
+    with pytest.raises(MisconfigurationException, match="FSDPStrategy"):
+        check_clipping_setup(FakeTrainer(), "ZClip")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging and host syncs
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_logs_the_five_keys_on_logging_steps_and_never_syncs_otherwise(tmp_path: Path, cls: type) -> None:
+    callback = cls(log_every_n_steps=3)
+    calls_per_step: list[list[str]] = []
+    original = callback.on_before_optimizer_step
+
+    with count_host_syncs() as counter:
+
+        def counted(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+            counter.calls = []
+            counter.active = True
+            try:
+                original(trainer, pl_module, optimizer)
+            finally:
+                counter.active = False
+                calls_per_step.append(list(counter.calls))
+
+        callback.on_before_optimizer_step = counted  # type: ignore[method-assign]
+        trainer = make_trainer(
+            tmp_path,
+            max_steps=7,
+            max_epochs=None,
+            log_every_n_steps=50,
+            logger=CSVLogger(tmp_path),
+            callbacks=[callback],
+        )
+        trainer.fit(MLPModule(), make_loader())
+    assert len(calls_per_step) == 7
+    for step, calls in enumerate(calls_per_step):
+        if (step + 1) % 3 == 0:
+            assert calls == ["tolist"], (step, calls)  # one transfer for all values
+        else:
+            assert calls == [], (step, calls)
+    path = Path(trainer.logger.log_dir) / "metrics.csv"  # type: ignore[union-attr]
+    rows = list(csv.DictReader(path.open()))
+    keys = {"clip/norm_pre", "clip/norm_post", "clip/threshold", "clip/coef", "clip/clipped"}
+    logged = [r for r in rows if r.get("clip/norm_pre")]
+    assert keys <= set(rows[0]) and [int(r["step"]) for r in logged] == [2, 5]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume equality
+# ---------------------------------------------------------------------------------------------------
+
+
+def _fit_weights(tmp_path: Path, callback: Callback, epochs: int, ckpt: Path | None = None) -> pl.Trainer:
+    torch.manual_seed(0)
+    model = MLPModule(lr=0.5)
+    trainer = make_trainer(tmp_path, max_epochs=epochs, callbacks=[callback])
+    trainer.fit(model, make_loader(n=96), ckpt_path=ckpt)
+    return trainer
+
+
+def _weights(trainer: pl.Trainer) -> list[Tensor]:
+    return [p.detach().clone() for p in trainer.lightning_module.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("factory", "stateful"),
+    [
+        (lambda: AutoClip(percentile=30.0, history=4), True),
+        (lambda: ZClip(warmup_steps=3, z_thresh=0.5), True),
+        (lambda: AGC(clip_factor=0.02), False),
+    ],
+    ids=["AutoClip", "ZClip", "AGC"],
+)
+def test_resume_equals_uninterrupted_run(tmp_path: Path, factory: Any, stateful: bool) -> None:
+    full = _fit_weights(tmp_path / "full", factory(), epochs=3)
+    first = _fit_weights(tmp_path / "first", factory(), epochs=1)
+    ckpt = tmp_path / "epoch1.ckpt"
+    first.save_checkpoint(ckpt)
+    resumed_cb = factory()
+    resumed = _fit_weights(tmp_path / "resumed", resumed_cb, epochs=3, ckpt=ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(full), _weights(resumed), strict=True))
+    assert resumed_cb.state_dict() == full.callbacks[0].state_dict()  # type: ignore[attr-defined]
+    assert full.callbacks[0].state_dict()["clipped"] > 0  # type: ignore[attr-defined]
+    if not stateful:
+        return
+    # Control: the same resume with the callback's state dropped ends elsewhere.
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["callbacks"] = {}
+    torch.save(checkpoint, tmp_path / "stateless.ckpt")
+    fresh = _fit_weights(tmp_path / "fresh", factory(), epochs=3, ckpt=tmp_path / "stateless.ckpt")
+    assert not all(torch.equal(a, b) for a, b in zip(_weights(full), _weights(fresh), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------------
+# AGC: which layer is left out
+# ---------------------------------------------------------------------------------------------------
+
+
+class HeadFirst(pl.LightningModule):
+    """The classifier is declared first but runs last: exclusion must follow forward order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(16, 3)
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y) * 100.0  # large gradients: AGC clips
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class GradSpy(Callback):
+    """Copies the gradients it sees at the first optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, Tensor] = {}
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if not self.grads:
+            self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("exclude", "head_clipped"), [(None, False), ([], True), (["body.*"], True)])
+def test_agc_exclusion(tmp_path: Path, exclude: list[str] | None, head_clipped: bool) -> None:
+    before, after = GradSpy(), GradSpy()
+    agc = AGC(clip_factor=0.01, exclude=exclude)
+    trainer = make_trainer(tmp_path, max_steps=1, max_epochs=None, callbacks=[before, agc, after])
+    torch.manual_seed(0)
+    trainer.fit(HeadFirst(), make_loader())
+    if exclude is None:
+        assert agc.excluded_names == ["head.weight", "head.bias"]
+    body_clipped = exclude != ["body.*"]
+    assert (not torch.equal(before.grads["head.weight"], after.grads["head.weight"])) == head_clipped
+    assert (not torch.equal(before.grads["body.0.weight"], after.grads["body.0.weight"])) == body_clipped
+
+
+# ---------------------------------------------------------------------------------------------------
+# An exploding vanilla RNN
+# ---------------------------------------------------------------------------------------------------
+
+
+class ExplodingRNN(pl.LightningModule):
+    """tanh RNN with an orthogonal recurrent matrix of gain 1.5 and SGD at lr 0.5: gradients explode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.RNN(4, 32, nonlinearity="tanh", batch_first=True)
+        with torch.no_grad():
+            nn.init.orthogonal_(self.rnn.weight_hh_l0, gain=1.5)
+        self.head = nn.Linear(32, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        out, _ = self.rnn(x)
+        return nn.functional.mse_loss(self.head(out[:, -1]).squeeze(-1), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def _sum_task() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 40, 4, generator=g)
+    return DataLoader(TensorDataset(x, x[:, :, 0].sum(1) / 6), batch_size=16)
+
+
+@pytest.mark.parametrize(
+    "factory", [None, AutoClip, lambda: ZClip(warmup_steps=5)], ids=["none", "AutoClip", "ZClip"]
+)
+def test_exploding_rnn_is_kept_finite_by_adaptive_clipping(tmp_path: Path, factory: Any) -> None:
+    model = ExplodingRNN()
+    callbacks = [] if factory is None else [factory()]
+    make_trainer(tmp_path, max_epochs=5, callbacks=callbacks).fit(model, _sum_task())
+    finite = all(torch.isfinite(p).all() for p in model.parameters())
+    assert finite == (factory is not None)

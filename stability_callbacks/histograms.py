@@ -65,6 +65,9 @@ __all__ = [
 
 _FMAX = torch.finfo(torch.float32).max
 _NO_FLOAT64 = frozenset({"mps", "xla"})
+# Elements per chunk: a few cache-sized passes on CPU; few, large kernels on accelerators.
+_CHUNK_CPU = 1 << 18
+_CHUNK_ACCELERATOR = 1 << 24
 
 # Columns of a row of ``histogram_stats``; the bucket counts follow.
 _MIN, _MAX, _SUM, _SUMSQ, _NONFINITE, _EDGE_LO, _EDGE_HI = range(7)
@@ -161,14 +164,24 @@ def histogram_stats(
 
 
 def _device_rows(values: list[Tensor], bins: int, device: torch.device) -> Tensor:
-    """Rows of :func:`histogram_stats` for non-empty tensors that all live on ``device``."""
+    """Rows of :func:`histogram_stats` for non-empty tensors that all live on ``device``.
+
+    Tensors are processed in chunks of a fixed size (cache-sized on CPU), so the scratch buffers stay
+    small and every pass over a chunk after the first one reads from cache.
+    """
     acc = _accumulate_dtype(device)
-    flat = [v.reshape(-1) for v in values]
-    largest = max(x.numel() for x in flat)
-    work = torch.empty(largest, dtype=torch.float32, device=device)
-    needs_cast = any(x.dtype != torch.float32 for x in flat)
-    cast = torch.empty(largest, dtype=torch.float32, device=device) if needs_cast else None
-    ints = torch.empty(largest, dtype=torch.int32, device=device) if device.type == "cpu" else None
+    chunk = _CHUNK_CPU if device.type == "cpu" else _CHUNK_ACCELERATOR
+    pieces: list[Tensor] = []
+    owner: list[int] = []
+    for i, v in enumerate(values):
+        for piece in v.reshape(-1).split(chunk):
+            pieces.append(piece)
+            owner.append(i)
+    size = max(p.numel() for p in pieces)
+    work = torch.empty(size, dtype=torch.float32, device=device)
+    needs_cast = any(p.dtype != torch.float32 for p in pieces)
+    cast = torch.empty(size, dtype=torch.float32, device=device) if needs_cast else None
+    ints = torch.empty(size, dtype=torch.int32, device=device) if device.type == "cpu" else None
 
     def as_float32(x: Tensor) -> Tensor:
         if x.dtype == torch.float32:
@@ -178,13 +191,16 @@ def _device_rows(values: list[Tensor], bins: int, device: torch.device) -> Tenso
     # Pass 1: finite min and max (non-finite values replaced by a value that cannot win).
     los: list[Tensor] = []
     his: list[Tensor] = []
-    for x in flat:
-        x = as_float32(x)
+    for piece in pieces:
+        x = as_float32(piece)
         w = work[: x.numel()]
         los.append(torch.nan_to_num(x, _FMAX, _FMAX, _FMAX, out=w).amin())
         his.append(torch.nan_to_num(x, -_FMAX, -_FMAX, -_FMAX, out=w).amax())
-    lo = torch.stack(los)
-    hi = torch.stack(his)
+    n = len(values)
+    owner_t = torch.tensor(owner, dtype=torch.long, device=device)
+    inf = float("inf")
+    lo = torch.full((n,), inf, device=device).scatter_reduce_(0, owner_t, torch.stack(los), "amin")
+    hi = torch.full((n,), -inf, device=device).scatter_reduce_(0, owner_t, torch.stack(his), "amax")
 
     # Bucket mapping y = x * s + shift, so that finite x in [lo, hi] lands in [0, bins]. Constant
     # tensors (and those without finite values) get s = 0 and land in the middle bucket; their edges
@@ -205,6 +221,7 @@ def _device_rows(values: list[Tensor], bins: int, device: torch.device) -> Tenso
     _, exponent = torch.frexp(m)
     pow2 = torch.ldexp(torch.ones_like(m, dtype=acc), exponent)
     inv_pow2 = torch.ldexp(torch.ones_like(m), -exponent)
+    s_p, shift_p, inv_p = s[owner_t], shift[owner_t], inv_pow2[owner_t]
 
     # Pass 2: sums and bucket counts. Bucket ``bins`` collects x == max (folded below),
     # bucket ``bins + 1`` the non-finite values.
@@ -212,19 +229,20 @@ def _device_rows(values: list[Tensor], bins: int, device: torch.device) -> Tenso
     sums: list[Tensor] = []
     squares: list[Tensor] = []
     counts: list[Tensor] = []
-    for i, x in enumerate(flat):
-        x = as_float32(x)
+    for j, piece in enumerate(pieces):
+        x = as_float32(piece)
         w = work[: x.numel()]
-        torch.nan_to_num(x, 0.0, 0.0, 0.0, out=w).mul_(inv_pow2[i])
+        torch.nan_to_num(x, 0.0, 0.0, 0.0, out=w).mul_(inv_p[j])
         sums.append(w.sum())
         squares.append(torch.dot(w, w))
-        torch.addcmul(shift[i], x, s[i], out=w)
+        torch.mul(x, s_p[j], out=w).add_(shift_p[j])
         w.nan_to_num_(trash, trash, trash)
         counts.append(_bucket_counts(w, bins, ints))
-    c = torch.stack(counts).to(acc)
+    zeros = torch.zeros(n, dtype=acc, device=device)
+    total = zeros.index_add(0, owner_t, torch.stack(sums).to(acc)) * pow2
+    sum_sq = zeros.index_add(0, owner_t, torch.stack(squares).to(acc)) * pow2.square()
+    c = torch.zeros(n, bins + 2, dtype=acc, device=device).index_add_(0, owner_t, torch.stack(counts).to(acc))
     c[:, bins - 1] += c[:, bins]
-    total = torch.stack(sums).to(acc) * pow2
-    sum_sq = torch.stack(squares).to(acc) * pow2.square()
     head = torch.stack([lo_acc, hi_acc, total, sum_sq, c[:, bins + 1], edge_lo, edge_hi], dim=1)
     # Rows without any finite value: min/max/sums are meaningless, report zeros.
     head[:, :_NONFINITE] *= (lo_acc <= hi_acc).to(acc).unsqueeze(1)

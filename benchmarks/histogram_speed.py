@@ -1,0 +1,192 @@
+"""Histogram speed: device-side histograms vs ``SummaryWriter.add_histogram``, and the fit overhead.
+
+Three measurements, each the median of ``--reps`` interleaved repetitions in one run:
+
+1. one histogram step for resnet18's weights and gradients (124 tensors, 22M values): our path
+   (``histogram_stats`` + one transfer + ``add_histogram_raw``) vs a loop of
+   ``SummaryWriter.add_histogram`` over the same tensors with the same number of bins, both writing
+   to an event file;
+2. the extra host memory of each (``tracemalloc`` peak: Python and NumPy allocations), against the
+   bound ``bins x tensors``; torch's own scratch buffers (a float32 and an int32 chunk, on the
+   tensors' device) are not seen by tracemalloc and are printed apart;
+3. the fit-level overhead of ``HistogramLogger(every_n_steps=100)`` against a bare fit.
+
+Usage::
+
+    python benchmarks/histogram_speed.py                 # a few minutes on a laptop CPU
+    python benchmarks/histogram_speed.py --reps 5 --steps 200
+    python benchmarks/histogram_speed.py --threads 1    # a shared machine: spinning OpenMP threads
+                                                        # stall every torch op when cores are busy
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MODELS, machine, run_table, time_fit
+
+from stability_callbacks.histograms import (
+    _CHUNK_ACCELERATOR,
+    _CHUNK_CPU,
+    HistogramLogger,
+    histogram_stats,
+    to_histograms,
+    write_histograms,
+)
+
+
+def resnet18_tensors(device: torch.device) -> tuple[list[str], list[Tensor]]:
+    """Tags and tensors of resnet18's weights and gradients after one backward pass."""
+    factory, shape, batch_size = MODELS["resnet18"]
+    torch.manual_seed(0)
+    model = factory().to(device)
+    x = torch.randn(batch_size, *shape, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    tags: list[str] = []
+    tensors: list[Tensor] = []
+    for kind in ("weights", "grads"):
+        for name, p in model.named_parameters():
+            tags.append(f"{kind}/{name}")
+            tensors.append(p.detach() if kind == "weights" else p.grad)  # type: ignore[arg-type]
+    return tags, tensors
+
+
+def ours(writer: SummaryWriter, tags: list[str], tensors: list[Tensor], bins: int, step: int) -> None:
+    hists = to_histograms(histogram_stats(tensors, bins))  # one device-to-host transfer
+    write_histograms(writer, dict(zip(tags, hists, strict=True)), step)
+
+
+def add_histogram_loop(
+    writer: SummaryWriter, tags: list[str], tensors: list[Tensor], bins: int, step: int
+) -> None:
+    for tag, t in zip(tags, tensors, strict=True):
+        writer.add_histogram(tag, t, step, bins=bins)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_once(fn: Callable[[], None], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def traced_peak(fn: Callable[[], None]) -> int:
+    """Peak bytes allocated through Python and NumPy while ``fn`` runs (tracemalloc)."""
+    gc.collect()
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak - base
+
+
+def histogram_step_table(reps: int, bins: int, device: torch.device) -> tuple[str, dict[str, Any]]:
+    tags, tensors = resnet18_tensors(device)
+    values = sum(t.numel() for t in tensors)
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = SummaryWriter(tmp)
+        variants: dict[str, Callable[[int], None]] = {
+            "add_histogram loop": lambda s: add_histogram_loop(writer, tags, tensors, bins, s),
+            "HistogramLogger path": lambda s: ours(writer, tags, tensors, bins, s),
+        }
+        for fn in variants.values():  # warm-up: allocator, NumPy, protobuf
+            fn(0)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for rep in range(reps):
+            for name, fn in variants.items():
+                times[name].append(time_once(lambda fn=fn, rep=rep: fn(rep + 1), device))  # type: ignore[misc]
+        mem = {name: traced_peak(lambda fn=fn: fn(reps + 1)) for name, fn in variants.items()}  # type: ignore[misc]
+        writer.close()
+    base = statistics.median(times["add_histogram loop"])
+    bound = bins * len(tensors)
+    lines = [
+        f"resnet18 weights + grads: {len(tensors)} tensors, {values / 1e6:.1f}M values, {bins} bins, "
+        f"median of {reps}",
+        "",
+        "| variant | step_ms | speed-up | tracemalloc peak (KiB) | peak / (bins x tensors) (bytes) |",
+        "|---|---|---|---|---|",
+    ]
+    for name in variants:
+        med = statistics.median(times[name])
+        kib, per_value = mem[name] / 1024, mem[name] / bound
+        lines.append(f"| {name} | {med * 1e3:.1f} | {base / med:.1f}x | {kib:.0f} | {per_value:.1f} |")
+    chunk = min(_CHUNK_CPU if device.type == "cpu" else _CHUNK_ACCELERATOR, max(t.numel() for t in tensors))
+    lines += [
+        "",
+        f"scratch buffers of the device path (torch allocator, not in tracemalloc): "
+        f"{2 * chunk * 4 / 2**20:.1f} MiB (float32 + int32 of one chunk of {chunk} values)",
+    ]
+    speedup = base / statistics.median(times["HistogramLogger path"])
+    return "\n".join(lines), {"speedup": speedup, "ours_bytes": mem["HistogramLogger path"], "bound": bound}
+
+
+def fit_table(reps: int, steps: int, every: int) -> str:
+    variants = {
+        "bare": lambda model, n: time_fit(model, [], n),
+        f"HistogramLogger(every_n_steps={every})": lambda model, n: time_fit(
+            model, [HistogramLogger(every_n_steps=every)], n
+        ),
+    }
+    rows = run_table(variants, ["resnet18"], {"resnet18": steps}, reps)  # type: ignore[arg-type]
+    lines = [
+        f"fit overhead, resnet18 (batch 32, 3x32x32), {steps} timed steps (includes "
+        f"{steps // every} logging step(s) with histograms and the gradient-flow picture), median of {reps}",
+        "",
+        "| model | variant | step_ms | ratio |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['variant']} | {r['step_ms']:.1f} | {r['ratio']:.3f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--reps", type=int, default=3, help="repetitions (median), at least 3")
+    parser.add_argument("--bins", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=100, help="timed fit steps (>= every to include a log)")
+    parser.add_argument("--every", type=int, default=100, help="HistogramLogger(every_n_steps=...)")
+    parser.add_argument("--skip-fit", action="store_true", help="only the histogram-step table")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.reps < 3:
+        parser.error("--reps must be at least 3")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# histogram speed on {machine()}\n")
+    table, summary = histogram_step_table(args.reps, args.bins, device)
+    print(table + "\n")
+    print(f"speed-up: {summary['speedup']:.1f}x (target >= 10x on CPU)\n")
+    if not args.skip_fit:
+        print(fit_table(args.reps, args.steps, args.every))
+
+
+if __name__ == "__main__":
+    main()

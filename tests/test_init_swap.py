@@ -1,0 +1,320 @@
+"""The InitSwap callback: fit start, resume, vanishing-triggered re-initialisation, DDP, logging."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import MLPModule, count_host_syncs, make_loader, make_trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import Tensor, nn
+
+from stability_callbacks.init import InitSwap
+from stability_callbacks.monitor import GradientMonitor
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def flat(module: nn.Module) -> Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+class Snapshot(Callback):
+    """Records the weights and the optimizer's parameters at train start, after the callbacks before it."""
+
+    def __init__(self) -> None:
+        self.weights: Tensor | None = None
+        self.same_objects = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.weights = flat(pl_module).clone()
+        in_optimizer = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+        self.same_objects = in_optimizer == {id(p) for p in pl_module.parameters()}
+
+
+# -- fit start --------------------------------------------------------------------------------------
+
+
+def test_fit_start_reinitialises_in_place_before_the_first_step_and_reports(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MLPModule(depth=4, width=64, activation=nn.ReLU)
+    before = flat(model).clone()
+    swap, snap = InitSwap(), Snapshot()
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = make_trainer(tmp_path, max_steps=2, max_epochs=None, callbacks=[swap, snap], logger=logger)
+    trainer.fit(model, make_loader())
+    assert snap.weights is not None and not torch.equal(snap.weights, before)
+    assert snap.same_objects  # the optimizer still holds the model's parameters
+    report = swap.last_report
+    assert report is not None and swap.applied and swap.reinit_step == 0
+    assert report["net.0.weight"].scheme == "he_normal"
+    assert report["net.0.bias"].scheme == "zeros"
+    first = slice(0, 64 * 8)  # net.0.weight in the flattened parameters
+    assert report["net.0.weight"].old_std == pytest.approx(before[first].std(correction=0).item(), rel=1e-5)
+    assert report["net.0.weight"].new_std == pytest.approx(
+        snap.weights[first].std(correction=0).item(), rel=1e-5
+    )
+    events = EventAccumulator(str(Path(logger.log_dir)), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    assert "init/report/text_summary" in events.Tags()["tensors"]
+    text = events.Tensors("init/report/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "net.0.weight" in text and "he_normal" in text
+    assert [(e.step, e.value) for e in events.Scalars("init/reinit")] == [(0, 1.0)]
+
+
+def test_fit_start_applies_once_per_callback(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MLPModule()
+    swap, snap = InitSwap(), Snapshot()
+    make_trainer(tmp_path, max_steps=2, max_epochs=None, callbacks=[swap]).fit(model, make_loader())
+    after_first = flat(model).clone()
+    make_trainer(tmp_path, max_steps=4, max_epochs=None, callbacks=[swap, snap]).fit(model, make_loader())
+    assert snap.weights is not None and torch.equal(snap.weights, after_first)
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+def test_resume_from_checkpoint_leaves_weights_bit_identical(tmp_path: Path, with_state: bool) -> None:
+    torch.manual_seed(0)
+    callbacks: list[Callback] = [InitSwap()] if with_state else []
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=callbacks)
+    model = MLPModule(activation=nn.ReLU)
+    trainer.fit(model, make_loader())
+    path = tmp_path / "epoch1.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    saved = torch.cat([v.flatten() for v in checkpoint["state_dict"].values()])
+    if with_state:
+        assert checkpoint["callbacks"][InitSwap().state_key]["applied"] is True
+
+    swap, snap = InitSwap(), Snapshot()
+    resumed = make_trainer(tmp_path, max_epochs=2, callbacks=[swap, snap])
+    resumed.fit(MLPModule(activation=nn.ReLU), make_loader(), ckpt_path=path)
+    assert snap.weights is not None and torch.equal(snap.weights, saved)
+    assert swap.last_report is None and swap.applied  # remembered for the next checkpoint
+
+
+def test_lsuv_takes_its_batch_from_the_train_dataloader(tmp_path: Path) -> None:
+    seen: list[Tensor] = []
+
+    def get_input(batch: Any) -> Tensor:
+        seen.append(batch[0])
+        return batch[0]
+
+    class LinearOutputStds(Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            h, self.stds = torch.cat(seen), []
+            with torch.no_grad():
+                for m in pl_module.net:
+                    h = m(h)
+                    if isinstance(m, nn.Linear):
+                        self.stds.append(h.std().item())
+
+    torch.manual_seed(0)
+    model = MLPModule(depth=12, width=32, activation=nn.Tanh)
+    swap, probe = InitSwap(scheme="lsuv", lsuv_batches=2, get_input=get_input), LinearOutputStds()
+    make_trainer(tmp_path, max_steps=1, max_epochs=None, callbacks=[swap, probe]).fit(model, make_loader())
+    assert [x.shape[0] for x in seen] == [16, 16]
+    assert len(probe.stds) == 12 and max(abs(s - 1.0) for s in probe.stds) <= 0.1
+    assert swap.last_report is not None and len(swap.last_report.lsuv) == 12
+
+
+def test_a_batch_without_an_obvious_input_asks_for_get_input(tmp_path: Path) -> None:
+    loader = torch.utils.data.DataLoader(
+        [{"x": torch.randn(8), "y": torch.tensor(0)} for _ in range(4)], batch_size=2
+    )
+
+    class DictModule(MLPModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            return nn.functional.cross_entropy(self(batch["x"]), batch["y"])
+
+    trainer = make_trainer(tmp_path, max_steps=1, max_epochs=None, callbacks=[InitSwap(scheme="lsuv")])
+    with pytest.raises(ValueError, match="get_input"):
+        trainer.fit(DictModule(), loader)
+
+
+# -- vanishing gradients -----------------------------------------------------------------------------
+
+
+def sigmoid_run(tmp_path: Path, callbacks: list[Callback], steps: int = 60) -> tuple[MLPModule, float]:
+    """A 30-layer sigmoid MLP under PyTorch's default initialisation, trained with plain SGD."""
+    torch.manual_seed(0)
+    model = MLPModule(depth=30, width=32, activation=nn.Sigmoid, lr=0.1)
+    loader = make_loader(n=64, batch_size=16)
+    trainer = make_trainer(tmp_path, max_steps=steps, max_epochs=None, callbacks=callbacks)
+    trainer.fit(model, loader)
+    x, y = loader.dataset.tensors  # type: ignore[attr-defined]
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(model(x), y).item()
+    return model, loss
+
+
+def test_on_vanishing_reinitialises_a_deep_sigmoid_mlp_that_then_trains(tmp_path: Path) -> None:
+    untreated_monitor = GradientMonitor(log_every_n_steps=1, warn=False)
+    _, untreated_loss = sigmoid_run(tmp_path / "a", [untreated_monitor])
+    d = untreated_monitor.last_diagnosis
+    assert d is not None and d.vanishing  # the monitor flags it, to the end
+
+    swap = InitSwap(scheme="lsuv", when="on_vanishing", patience=3, watch_steps=10)
+    monitor = GradientMonitor(log_every_n_steps=1, warn=False)
+    _, treated_loss = sigmoid_run(tmp_path / "b", [swap, monitor])
+    assert swap.reinit_step == 2  # three vanishing steps: 0, 1, 2
+    d = monitor.last_diagnosis
+    assert d is not None and not d.vanishing and d.depth_ratio is not None and d.depth_ratio > 1e-3
+    assert treated_loss < untreated_loss  # measured 0.90 vs 1.08
+
+
+def test_on_vanishing_resets_optimizer_state_and_drops_that_steps_gradients(tmp_path: Path) -> None:
+    class AdamSigmoid(MLPModule):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    torch.manual_seed(0)
+    model = AdamSigmoid(depth=30, width=32, activation=nn.Sigmoid)
+    swap = InitSwap(scheme="lsuv", when="on_vanishing", patience=2, watch_steps=10)
+    trainer = make_trainer(tmp_path, max_steps=7, max_epochs=None, callbacks=[swap])
+    trainer.fit(model, make_loader())
+    assert swap.reinit_step == 1
+    optimizer = trainer.optimizers[0]
+    steps = {int(s["step"]) for s in optimizer.state.values()}
+    assert steps == {7 - swap.reinit_step - 1}  # fresh moments from the step after the re-initialisation
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_on_vanishing_leaves_a_healthy_model_alone(tmp_path: Path) -> None:
+    def run(callbacks: list[Callback]) -> Tensor:
+        torch.manual_seed(0)
+        model = MLPModule()
+        make_trainer(tmp_path, max_steps=6, max_epochs=None, callbacks=callbacks).fit(model, make_loader())
+        return flat(model)
+
+    swap = InitSwap(when="on_vanishing", watch_steps=4)
+    assert torch.equal(run([swap]), run([]))
+    assert not swap.applied and swap.reinit_step == -1
+
+
+class CountingSwap(InitSwap):
+    """Counts host syncs in the callback's hooks outside the watch window."""
+
+    def __init__(self, counter: Any, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.counter = counter
+        self.quiet_steps = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.counter.active = not self._watching(trainer)
+        super().on_train_batch_start(trainer, *args)
+        self.counter.active = False
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
+        quiet = not self._watching(trainer)
+        self.quiet_steps += quiet
+        self.counter.active = quiet
+        super().on_before_optimizer_step(trainer, *args)
+        self.counter.active = False
+
+
+@pytest.mark.parametrize("when", ["fit_start", "on_vanishing"])
+def test_no_host_sync_outside_the_watch_window(tmp_path: Path, when: str) -> None:
+    with count_host_syncs() as counter:
+        swap = CountingSwap(counter, when=when, watch_steps=3)
+        make_trainer(tmp_path, max_steps=8, max_epochs=None, callbacks=[swap]).fit(MLPModule(), make_loader())
+    assert swap.quiet_steps == (8 if when == "fit_start" else 5)
+    assert counter.calls == []
+
+
+def test_reinit_is_logged_once(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path)
+    swap = InitSwap(scheme="lsuv", when="on_vanishing", patience=2, watch_steps=10)
+    torch.manual_seed(0)
+    trainer = make_trainer(tmp_path, max_steps=5, max_epochs=None, callbacks=[swap], logger=logger)
+    trainer.fit(MLPModule(depth=30, width=32, activation=nn.Sigmoid), make_loader())
+    rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("init/reinit")
+    logged = [(r.split(",")[rows[0].split(",").index("step")], r.split(",")[column]) for r in rows[1:]]
+    assert [(s, v) for s, v in logged if v] == [("1", "1.0")]
+
+
+# -- state, arguments ----------------------------------------------------------------------------------
+
+
+def test_state_round_trip_through_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    swap = InitSwap(scheme="lsuv", when="on_vanishing", patience=2, watch_steps=10)
+    torch.manual_seed(0)
+    trainer = make_trainer(tmp_path, max_steps=3, max_epochs=None, callbacks=[swap])
+    trainer.fit(MLPModule(depth=30, width=32, activation=nn.Sigmoid), make_loader())
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    state = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"][swap.state_key]
+    restored = InitSwap(scheme="lsuv", when="on_vanishing")
+    restored.load_state_dict(copy.deepcopy(state))
+    assert restored.state_dict() == swap.state_dict() and restored.applied and restored.reinit_step == 1
+    fresh = InitSwap()
+    fresh.load_state_dict({})
+    assert not fresh.applied and fresh.reinit_step == -1
+    assert InitSwap(when="fit_start").state_key != InitSwap(when="on_vanishing").state_key
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"scheme": "kaiming"}, "scheme"),
+        ({"when": "later"}, "when"),
+        ({"patience": 0}, "patience"),
+        ({"watch_steps": -1}, "watch_steps"),
+        ({"lsuv_batches": 1.5}, "lsuv_batches"),
+        ({"overrides": {"net.*": "nope"}}, "overrides"),
+        ({"lsuv_tol": 0}, "lsuv_tol"),
+        ({"get_input": 3}, "get_input"),
+        ({"vanishing_ratio": -1.0}, "vanishing_ratio"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        InitSwap(**kwargs)
+
+
+def test_override_matching_nothing_fails_at_setup(tmp_path: Path) -> None:
+    swap = InitSwap(overrides={"enc*": "keep"})
+    trainer = make_trainer(tmp_path, max_steps=1, max_epochs=None, callbacks=[swap])
+    with pytest.raises(ValueError, match="enc"):
+        trainer.fit(MLPModule(), make_loader())
+
+
+# -- DDP -----------------------------------------------------------------------------------------------
+
+
+class RankWeights(Callback):
+    """Each rank saves its weights right after InitSwap and the first input batch it was given."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        first = next(iter(trainer.train_dataloader))[0]
+        torch.save({"weights": flat(pl_module), "batch": first}, self.path / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_end_with_identical_weights(tmp_path: Path) -> None:
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=1,
+        max_epochs=None,
+        strategy="ddp_spawn",
+        devices=2,
+        callbacks=[InitSwap(scheme="lsuv", verbose=False), RankWeights(tmp_path)],
+    )
+    trainer.fit(MLPModule(depth=6, width=32), make_loader())
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(r0["batch"], r1["batch"])  # each rank measured LSUV on its own data ...
+    assert torch.equal(r0["weights"], r1["weights"])  # ... and rank zero's weights won everywhere

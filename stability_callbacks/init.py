@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, fx, nn
 from torch.optim import Optimizer
 from torch.overrides import TorchFunctionMode
@@ -1387,13 +1387,13 @@ class InitSwap(StabilityCallback):
         if not trainer.strategy.reduce_boolean_decision(diagnosis.vanishing, all=False):
             return
         ratio = "n/a" if diagnosis.depth_ratio is None else f"{diagnosis.depth_ratio:.3g}"
-        self._apply(
-            trainer,
-            pl_module,
+        what = (
             f"gradients vanished for {self.patience} consecutive steps (depth ratio {ratio} at step "
-            f"{trainer.global_step}); re-initialised the model, cleared the optimizer state and "
-            "dropped this step's gradients.",
+            f"{trainer.global_step}); re-initialised the model with scheme {self.scheme!r}, cleared the "
+            "optimizer state and dropped this step's gradients."
         )
+        rank_zero_warn(f"InitSwap: {what}", category=UserWarning)
+        self._apply(trainer, pl_module, what)
         for opt in trainer.optimizers:
             opt.state.clear()
         for p in pl_module.parameters():

@@ -167,7 +167,8 @@ def test_on_vanishing_reinitialises_a_deep_sigmoid_mlp_that_then_trains(tmp_path
 
     swap = InitSwap(scheme="lsuv", when="on_vanishing", patience=3, watch_steps=10)
     monitor = GradientMonitor(log_every_n_steps=1, warn=False)
-    _, treated_loss = sigmoid_run(tmp_path / "b", [swap, monitor])
+    with pytest.warns(UserWarning, match="InitSwap: gradients vanished for 3 consecutive steps"):
+        _, treated_loss = sigmoid_run(tmp_path / "b", [swap, monitor])
     assert swap.reinit_step == 2  # three vanishing steps: 0, 1, 2
     d = monitor.last_diagnosis
     assert d is not None and not d.vanishing and d.depth_ratio is not None and d.depth_ratio > 1e-3

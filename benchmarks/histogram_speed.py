@@ -43,6 +43,7 @@ from stability_callbacks.histograms import (
     _CHUNK_ACCELERATOR,
     _CHUNK_CPU,
     HistogramLogger,
+    grad_flow_image,
     histogram_stats,
     to_histograms,
     write_histograms,
@@ -103,6 +104,19 @@ def traced_peak(fn: Callable[[], None]) -> int:
     return peak - base
 
 
+def time_picture(tensors: list[Tensor], reps: int) -> list[float]:
+    """Times of drawing the gradient-flow picture for the layers of ``tensors`` (the first is a warm-up)."""
+    names = [f"param.{i}" for i in range(len(tensors) // 2)]
+    means = [float(t.abs().mean()) for t in tensors[len(tensors) // 2 :]]
+    maxes = [float(t.abs().max()) for t in tensors[len(tensors) // 2 :]]
+    out = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        grad_flow_image(names, means, maxes)
+        out.append(time.perf_counter() - t0)
+    return out[1:]
+
+
 def histogram_step_table(reps: int, bins: int, device: torch.device) -> tuple[str, dict[str, Any]]:
     tags, tensors = resnet18_tensors(device)
     values = sum(t.numel() for t in tensors)
@@ -139,6 +153,11 @@ def histogram_step_table(reps: int, bins: int, device: torch.device) -> tuple[st
         f"scratch buffers of the device path (torch allocator, not in tracemalloc): "
         f"{2 * chunk * 4 / 2**20:.1f} MiB (float32 + int32 of one chunk of {chunk} values)",
     ]
+    picture = statistics.median(time_picture(tensors, reps))
+    lines.append(
+        f"\ngradient-flow picture of resnet18's {len(tensors) // 2} parameter layers (matplotlib, drawn on "
+        f"every fifth histogram step by default): {picture * 1e3:.0f} ms"
+    )
     speedup = base / statistics.median(times["HistogramLogger path"])
     return "\n".join(lines), {"speedup": speedup, "ours_bytes": mem["HistogramLogger path"], "bound": bound}
 
@@ -153,7 +172,7 @@ def fit_table(reps: int, steps: int, every: int) -> str:
     rows = run_table(variants, ["resnet18"], {"resnet18": steps}, reps)  # type: ignore[arg-type]
     lines = [
         f"fit overhead, resnet18 (batch 32, 3x32x32), {steps} timed steps (includes "
-        f"{steps // every} logging step(s) with histograms and the gradient-flow picture), median of {reps}",
+        f"{steps // every} histogram step(s); the default picture cadence is 5x that), median of {reps}",
         "",
         "| model | variant | step_ms | ratio |",
         "|---|---|---|---|",

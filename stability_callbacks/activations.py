@@ -257,6 +257,12 @@ class ActivationMonitor(StabilityCallback):
         self._remove_hooks()
         self._stats = {}
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Drop references to the model so a pickled callback does not carry it.
+        self._remove_hooks()
+        self._watched, self._stats = [], {}
+        super().teardown(trainer, pl_module, stage)
+
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:

@@ -307,7 +307,7 @@ PARAMS = ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.4.wei
 def test_logger_writes_weights_grads_activations_and_picture(tmp_path: Path) -> None:
     torch.manual_seed(0)
     spy = GradSpy()
-    cb = HistogramLogger(every_n_steps=2, activations=True, bins=16)
+    cb = HistogramLogger(every_n_steps=2, activations=True, bins=16, figure_every_n_steps=2)
     # Lightning clips after on_before_optimizer_step: the histograms must show the unclipped gradients
     log_dir = fit_tb(tmp_path, [cb, spy], gradient_clip_val=1e-6)
     acc = load_events(log_dir)
@@ -371,7 +371,7 @@ def test_no_host_sync_on_steps_that_do_not_log(tmp_path: Path) -> None:
 
     with count_host_syncs() as counter:
         window = Window(counter)
-        cb = HistogramLogger(every_n_steps=every, activations=True)
+        cb = HistogramLogger(every_n_steps=every, activations=True, figure_every_n_steps=every)
         fit_tb(tmp_path, [window, cb], max_steps=6, log_every_n_steps=100)
     for step, calls in window.by_step.items():
         if (step + 1) % every:
@@ -399,7 +399,7 @@ def test_without_matplotlib_warns_and_keeps_the_histograms(
     for name in [m for m in sys.modules if m.startswith("matplotlib")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    cb = HistogramLogger(every_n_steps=1)
+    cb = HistogramLogger(every_n_steps=1, figure_every_n_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         log_dir = fit_tb(tmp_path, [cb], max_steps=3)
@@ -458,6 +458,13 @@ def test_sharded_strategy_is_refused_at_setup() -> None:
     trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[cb])
     with pytest.raises(ValueError, match="FSDPStrategy"):
         cb.setup(trainer, MLPModule(), "fit")  # type: ignore[arg-type]
+
+
+def test_picture_cadence_defaults_to_every_fifth_histogram_step(tmp_path: Path) -> None:
+    assert HistogramLogger(every_n_steps=100).figure_every_n_steps == 500
+    acc = load_events(fit_tb(tmp_path, [HistogramLogger(every_n_steps=1)], max_steps=6))
+    assert [e.step for e in acc.Images("grad_flow")] == [4]
+    assert sorted(histograms(acc, "weights/net.0.weight")) == [0, 1, 2, 3, 4, 5]
 
 
 def test_state_key_tells_instances_apart() -> None:

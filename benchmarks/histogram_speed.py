@@ -85,6 +85,9 @@ def sync(device: torch.device) -> None:
 
 
 def time_once(fn: Callable[[], None], device: torch.device) -> float:
+    # Let the worker threads of the previous variant go idle first: NumPy's OpenBLAS threads spin for
+    # a while after ``add_histogram``'s dot product and would steal a core from the next measurement.
+    time.sleep(0.3)
     sync(device)
     t0 = time.perf_counter()
     fn()

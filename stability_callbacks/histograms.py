@@ -202,15 +202,18 @@ def _device_rows(values: list[Tensor], bins: int, device: torch.device) -> Tenso
     lo = torch.full((n,), inf, device=device).scatter_reduce_(0, owner_t, torch.stack(los), "amin")
     hi = torch.full((n,), -inf, device=device).scatter_reduce_(0, owner_t, torch.stack(his), "amax")
 
-    # Bucket mapping y = x * s + shift, so that finite x in [lo, hi] lands in [0, bins]. Constant
-    # tensors (and those without finite values) get s = 0 and land in the middle bucket; their edges
-    # are value -/+ 0.5. Products, not differences, keep x * s finite for any finite float32 x.
+    # Bucket mapping y = (x * a - lo * a) * c, so that finite x in [lo, hi] lands in [0, bins]. The
+    # difference x - lo is exact for nearby values (a narrow range far from zero keeps its resolution);
+    # a = 1/2 only where hi - lo would overflow float32. Constant tensors (and those without finite
+    # values) get c = 1, land in bucket 0 and are moved to the middle bucket, with edges value -/+ 0.5.
     lo_acc, hi_acc = lo.to(acc), hi.to(acc)
     width = hi_acc - lo_acc
     scale = (bins / width).float()
     flat_range = ~(width > 0) | ~torch.isfinite(scale)
-    s = torch.where(flat_range, torch.zeros_like(scale), scale)
-    shift = torch.where(flat_range, torch.full_like(scale, bins // 2), -(lo * s))
+    half = width > _FMAX
+    a = torch.where(half, torch.full_like(lo, 0.5), torch.ones_like(lo))
+    b = lo * a  # constant tensors: x - lo == 0 exactly for finite x
+    c_scale = torch.where(flat_range, torch.ones_like(scale), scale / a)
     mid = torch.where(lo_acc <= hi_acc, (lo_acc + hi_acc) / 2, torch.zeros_like(lo_acc))
     edge_lo = torch.where(flat_range, mid - 0.5, lo_acc)
     edge_hi = torch.where(flat_range, mid + 0.5, hi_acc)
@@ -221,7 +224,7 @@ def _device_rows(values: list[Tensor], bins: int, device: torch.device) -> Tenso
     _, exponent = torch.frexp(m)
     pow2 = torch.ldexp(torch.ones_like(m, dtype=acc), exponent)
     inv_pow2 = torch.ldexp(torch.ones_like(m), -exponent)
-    s_p, shift_p, inv_p = s[owner_t], shift[owner_t], inv_pow2[owner_t]
+    a_p, b_p, c_p, inv_p = a[owner_t], b[owner_t], c_scale[owner_t], inv_pow2[owner_t]
 
     # Pass 2: sums and bucket counts. Bucket ``bins`` collects x == max (folded below),
     # bucket ``bins + 1`` the non-finite values.
@@ -235,7 +238,7 @@ def _device_rows(values: list[Tensor], bins: int, device: torch.device) -> Tenso
         torch.nan_to_num(x, 0.0, 0.0, 0.0, out=w).mul_(inv_p[j])
         sums.append(w.sum())
         squares.append(torch.dot(w, w))
-        torch.mul(x, s_p[j], out=w).add_(shift_p[j])
+        torch.mul(x, a_p[j], out=w).sub_(b_p[j]).mul_(c_p[j])
         w.nan_to_num_(trash, trash, trash)
         counts.append(_bucket_counts(w, bins, ints))
     zeros = torch.zeros(n, dtype=acc, device=device)
@@ -243,6 +246,9 @@ def _device_rows(values: list[Tensor], bins: int, device: torch.device) -> Tenso
     sum_sq = zeros.index_add(0, owner_t, torch.stack(squares).to(acc)) * pow2.square()
     c = torch.zeros(n, bins + 2, dtype=acc, device=device).index_add_(0, owner_t, torch.stack(counts).to(acc))
     c[:, bins - 1] += c[:, bins]
+    middle = torch.where(flat_range, c[:, 0], c[:, bins // 2])
+    c[:, 0] = torch.where(flat_range, torch.zeros_like(middle), c[:, 0])
+    c[:, bins // 2] = middle
     head = torch.stack([lo_acc, hi_acc, total, sum_sq, c[:, bins + 1], edge_lo, edge_hi], dim=1)
     # Rows without any finite value: min/max/sums are meaningless, report zeros.
     head[:, :_NONFINITE] *= (lo_acc <= hi_acc).to(acc).unsqueeze(1)

@@ -58,6 +58,13 @@ def test_arange_has_the_expected_buckets() -> None:
     assert h64.bucket_counts == [1.0] * 64
 
 
+def test_narrow_range_far_from_zero_keeps_its_resolution() -> None:
+    x = 2.0**20 + torch.arange(16.0) / 4  # float32 spacing at 2**20 is 1/8; x * bins / width would round
+    h = one(x, bins=16)
+    assert h.bucket_counts == [1.0] * 16
+    assert (h.min, h.max) == (2.0**20, 2.0**20 + 3.75)
+
+
 def test_non_finite_values_are_counted_apart() -> None:
     x = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 3.0, 2.0])
     h = one(x, bins=4)

@@ -1,0 +1,297 @@
+"""Deep MLP recipe: a 30-layer sigmoid network whose gradients vanish, and the remedies that cure it.
+
+The baseline is the classic pathology (Glorot & Bengio 2010; Hochreiter 1991): a deep stack of sigmoid
+layers under PyTorch's default initialisation, trained with SGD, passes almost no gradient to its first
+layers and stays near chance. The variants change one thing each: a non-saturating activation with its
+He initialisation (He et al. 2015), normalisation (Ioffe & Szegedy 2015; Ba et al. 2016), residual
+connections (He et al. 2016), highway layers (Srivastava et al. 2015), an initialisation chosen by
+:class:`~stability_callbacks.init.InitSwap` or LSUV (Mishkin & Matas 2015), adaptive optimizers, warm-up,
+weight averaging and regularisation.
+
+Run one variant with ``python -m recipes run deep_mlp --variant sigmoid`` or all with
+``python -m recipes compare deep_mlp``; as a LightningCLI script::
+
+    python -m recipes.deep_mlp fit --config recipes/configs/deep_mlp_sigmoid.yaml
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from recipes.common import RecipeModule, Variant, activation_module
+
+__all__ = ["RECIPE", "VARIANTS", "DeepMLP", "HighwayLayer", "ResidualLayer", "cli_main"]
+
+NORMS = ("none", "batch", "layer")
+INITS = ("default", "he", "xavier")
+
+
+def _norm(kind: str, width: int) -> nn.Module | None:
+    if kind == "batch":
+        return nn.BatchNorm1d(width)
+    if kind == "layer":
+        return nn.LayerNorm(width)
+    return None
+
+
+class ResidualLayer(nn.Module):
+    """Pre-activation residual layer: ``h + Linear(dropout(act(norm(h))))``."""
+
+    def __init__(self, width: int, activation: str, norm: str, dropout: float) -> None:
+        super().__init__()
+        self.norm = _norm(norm, width)
+        self.act = activation_module(activation)
+        self.drop = nn.Dropout(dropout) if dropout else None
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, h: Tensor) -> Tensor:
+        z = self.norm(h) if self.norm is not None else h
+        z = self.act(z)
+        if self.drop is not None:
+            z = self.drop(z)
+        return h + self.linear(z)
+
+
+class HighwayLayer(nn.Module):
+    """Highway layer (Srivastava et al. 2015): ``y = H(x) * T(x) + x * (1 - T(x))`` with transform gate
+    ``T = sigmoid(W_T x + b_T)``, ``b_T`` initialised to ``gate_bias`` (negative: carry at first)."""
+
+    def __init__(self, width: int, activation: str, dropout: float, gate_bias: float = -4.0) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.act = activation_module(activation)
+        self.gate = nn.Linear(width, width)
+        self.gate_act = nn.Sigmoid()
+        self.drop = nn.Dropout(dropout) if dropout else None
+        nn.init.constant_(self.gate.bias, gate_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.linear(x))
+        if self.drop is not None:
+            h = self.drop(h)
+        t = self.gate_act(self.gate(x))
+        return h * t + x * (1.0 - t)
+
+
+class DeepMLP(RecipeModule):
+    """A deep fully connected classifier with switchable activation, normalisation and shortcuts.
+
+    ``depth`` counts the weight layers between input and output: an input projection, ``depth - 2``
+    hidden layers (plain ``Linear -> norm -> act``, residual or highway) and the classifier.
+
+    Args:
+        depth: number of weight layers (>= 2).
+        width: hidden width.
+        activation: ``sigmoid``, ``tanh``, ``relu``, ``leaky_relu`` (slope 0.2), ``elu`` or ``silu``.
+        norm: ``none``, ``batch`` or ``layer``.
+        residual: pre-activation residual hidden layers.
+        highway: highway hidden layers (exclusive with ``residual``).
+        dropout: dropout probability after each activation.
+        init: ``default`` (PyTorch's), ``he`` (Kaiming normal with the activation's gain, LeakyReLU's
+            slope included) or ``xavier`` (Glorot normal with the activation's gain); biases zero.
+        in_features: input features (64 for the digits, 784 for flat MNIST).
+        num_classes: output classes.
+        optimizer, lr, momentum, weight_decay, warmup_steps: see :class:`~recipes.common.RecipeModule`.
+    """
+
+    def __init__(
+        self,
+        depth: int = 30,
+        width: int = 64,
+        activation: str = "sigmoid",
+        norm: str = "none",
+        residual: bool = False,
+        highway: bool = False,
+        dropout: float = 0.0,
+        init: str = "default",
+        in_features: int = 64,
+        num_classes: int = 10,
+        optimizer: str = "sgd",
+        lr: float = 0.005,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__("classification", optimizer, lr, momentum, weight_decay, warmup_steps)
+        if depth < 2:
+            raise ValueError(f"`depth` must be >= 2, got {depth!r}")
+        if width < 1:
+            raise ValueError(f"`width` must be >= 1, got {width!r}")
+        if norm not in NORMS:
+            raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}")
+        if init not in INITS:
+            raise ValueError(f"`init` must be one of {INITS}, got {init!r}")
+        if residual and highway:
+            raise ValueError("`residual` and `highway` cannot both be True")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
+        activation_module(activation)  # validates the name
+        self.save_hyperparameters()
+        self.activation = activation
+        layers: list[nn.Module] = [nn.Linear(in_features, width)]
+        if residual or highway:
+            for _ in range(depth - 2):
+                if residual:
+                    layers.append(ResidualLayer(width, activation, norm, dropout))
+                else:
+                    layers.append(HighwayLayer(width, activation, dropout))
+            norm_out = _norm(norm, width) if residual else None
+            if norm_out is not None:
+                layers.append(norm_out)
+            layers.append(activation_module(activation))
+        else:
+            for i in range(depth - 1):
+                if i > 0:
+                    layers.append(nn.Linear(width, width))
+                norm_mod = _norm(norm, width)
+                if norm_mod is not None:
+                    layers.append(norm_mod)
+                layers.append(activation_module(activation))
+                if dropout:
+                    layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+        if init != "default":
+            self._init_weights(init)
+
+    def _init_weights(self, init: str) -> None:
+        act = self.activation
+        if act in ("relu", "leaky_relu"):
+            nonlin, slope = act, 0.2 if act == "leaky_relu" else 0.0
+        elif act in ("elu", "silu"):
+            nonlin, slope = "relu", 0.0
+        else:
+            nonlin, slope = act, 0.0
+        head = self.net[-1]
+        gates = {id(h.gate) for h in self.modules() if isinstance(h, HighwayLayer)}
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear) and id(mod) not in gates:
+                if mod is head:  # no activation follows the classifier: Glorot, gain 1
+                    nn.init.xavier_normal_(mod.weight)
+                elif init == "he":
+                    nn.init.kaiming_normal_(mod.weight, a=slope, nonlinearity=nonlin)
+                else:
+                    nn.init.xavier_normal_(mod.weight, gain=nn.init.calculate_gain(nonlin, slope))
+                nn.init.zeros_(mod.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _initswap(**kwargs: Any) -> list[Callback]:
+    from stability_callbacks.init import InitSwap
+
+    return [InitSwap(**kwargs)]
+
+
+def _ema() -> list[Callback]:
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    return [EMAWeightAveraging(decay=0.99)]
+
+
+RELU_HE = {"activation": "relu", "init": "he"}
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant("sigmoid", "pathology: 30 sigmoid layers, PyTorch default init, SGD; gradients vanish"),
+        Variant("relu_he", "ReLU with He initialisation", dict(RELU_HE)),
+        Variant(
+            "leaky_relu", "LeakyReLU(0.2) with its own He gain", {"activation": "leaky_relu", "init": "he"}
+        ),
+        Variant("elu", "ELU with He initialisation", {"activation": "elu", "init": "he"}),
+        Variant("swish", "SiLU (swish) with He initialisation", {"activation": "silu", "init": "he"}),
+        Variant("batchnorm", "sigmoid net with BatchNorm before every activation", {"norm": "batch"}),
+        Variant("layernorm", "sigmoid net with LayerNorm before every activation", {"norm": "layer"}),
+        Variant("residual", "sigmoid net with pre-activation residual connections", {"residual": True}),
+        Variant("highway", "sigmoid net with highway (gated carry) layers", {"highway": True}),
+        Variant(
+            "initswap",
+            "tanh net under default init (vanishing); InitSwap('auto') re-initialises it when flagged",
+            {"activation": "tanh"},
+            lambda: _initswap(scheme="auto", when="on_vanishing"),
+        ),
+        Variant(
+            "lsuv",
+            "tanh net re-initialised by InitSwap('lsuv') at fit start (unit output variance per layer)",
+            {"activation": "tanh"},
+            lambda: _initswap(scheme="lsuv", when="fit_start"),
+        ),
+        Variant(
+            "adam",
+            "sigmoid net trained with Adam (per-parameter step sizes)",
+            {"optimizer": "adam", "lr": 1e-3},
+        ),
+        Variant("rmsprop", "sigmoid net trained with RMSprop", {"optimizer": "rmsprop", "lr": 1e-3}),
+        Variant(
+            "warmup",
+            "relu_he at a high learning rate with linear warm-up then cosine decay",
+            {**RELU_HE, "lr": 0.02, "warmup_steps": 100},
+        ),
+        Variant("ema", "relu_he with Lightning's EMA weight averaging (decay 0.99)", dict(RELU_HE), _ema),
+        Variant(
+            "regularized",
+            "relu_he with dropout 0.1 and L2 weight decay 5e-4",
+            {**RELU_HE, "dropout": 0.1, "weight_decay": 5e-4},
+        ),
+    ]
+}
+
+
+def _data_args(data: str) -> dict[str, Any]:
+    features = {"digits": 64, "mnist": 784, "fashion_mnist": 784, "cifar10": 3072}
+    if data not in features:
+        raise ValueError(f"deep_mlp trains on {sorted(features)}, not {data!r}")
+    return {"in_features": features[data], "num_classes": 10}
+
+
+def _recipe() -> Any:
+    from recipes.runner import Preset, Recipe
+
+    return Recipe(
+        name="deep_mlp",
+        module=DeepMLP,
+        variants=VARIANTS,
+        presets={
+            "cpu": Preset(
+                max_steps=800,
+                batch_size=64,
+                data="digits",
+                log_every_n_steps=10,
+                histogram_every_n_steps=100,
+                val_every_n_steps=200,
+            ),
+            "gpu": Preset(
+                max_steps=5000,
+                batch_size=128,
+                data="digits",
+                gpu_data="mnist",
+                model={"width": 256},
+                trainer={"accelerator": "auto", "precision": "bf16-mixed"},
+                log_every_n_steps=50,
+                histogram_every_n_steps=500,
+                val_every_n_steps=1000,
+            ),
+        },
+        divergence_bound=1e3,
+        data_args=_data_args,
+        flat=True,
+    )
+
+
+def cli_main(args: Any = None) -> None:
+    """LightningCLI entry point: ``python -m recipes.deep_mlp fit --config ...``."""
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(DeepMLP, LightningDataModule, subclass_mode_data=True, args=args)
+
+
+RECIPE = _recipe()
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,5 +1,28 @@
-"""Lightning callbacks that find and fix vanishing, exploding and non-finite gradients."""
+"""Lightning callbacks that find and fix vanishing, exploding and non-finite gradients.
 
+Callbacks (layer 2): :class:`GradientMonitor`, :class:`AutoClip`, :class:`ZClip`, :class:`AGC`,
+:class:`NormClip`, :class:`ValueClip`, :class:`NonFiniteGuard`, :class:`InitSwap`,
+:class:`HistogramLogger`, :class:`ActivationMonitor`. The tensor math beneath them (layer 1) works in
+a plain PyTorch loop too: :func:`gradient_norms`, :func:`total_norm`, :func:`clip_grad_norm_to`,
+:func:`adaptive_clip_grad_`, :func:`init_swap`, :func:`lsuv_`, :func:`tensor_histograms`...
+"""
+
+from stability_callbacks.activations import ActivationMonitor, activation_stats
+from stability_callbacks.clipping import (
+    AGC,
+    AutoClip,
+    NormClip,
+    PercentilePolicy,
+    ValueClip,
+    ZClip,
+    ZScorePolicy,
+    adaptive_clip_grad_,
+    clip_grad_norm_to,
+    clip_grad_value_,
+)
+from stability_callbacks.guard import NonFiniteGradientError, NonFiniteGuard
+from stability_callbacks.histograms import Histogram, HistogramLogger, grad_flow_image, tensor_histograms
+from stability_callbacks.init import InitReport, InitSwap, init_swap, lsuv_
 from stability_callbacks.monitor import Diagnosis, GradientDiagnostician, GradientMonitor
 from stability_callbacks.stats import (
     LayerIndex,
@@ -13,14 +36,36 @@ from stability_callbacks.stats import (
 )
 
 __all__ = [
+    "AGC",
+    "ActivationMonitor",
+    "AutoClip",
     "Diagnosis",
     "GradientDiagnostician",
     "GradientMonitor",
+    "Histogram",
+    "HistogramLogger",
+    "InitReport",
+    "InitSwap",
     "LayerIndex",
+    "NonFiniteGradientError",
+    "NonFiniteGuard",
+    "NormClip",
+    "PercentilePolicy",
     "TensorStats",
+    "ValueClip",
+    "ZClip",
+    "ZScorePolicy",
+    "activation_stats",
+    "adaptive_clip_grad_",
+    "clip_grad_norm_to",
+    "clip_grad_value_",
+    "grad_flow_image",
     "gradient_norms",
+    "init_swap",
     "layer_norms",
+    "lsuv_",
     "nonfinite_counts",
+    "tensor_histograms",
     "tensor_norms",
     "tensor_stats",
     "total_norm",

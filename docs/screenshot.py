@@ -119,7 +119,9 @@ def train(logdir: Path, steps: int) -> DeepSigmoidMLP:
         logger=TensorBoardLogger(save_dir=str(logdir), name="", version=RUN),
         callbacks=[
             GradientMonitor(log_every_n_steps=10),
-            HistogramLogger(every_n_steps=max(1, steps // 10), bins=32),
+            HistogramLogger(
+                every_n_steps=max(1, steps // 10), bins=32, figure_every_n_steps=max(1, steps // 10)
+            ),
         ],
         log_every_n_steps=10,
         enable_checkpointing=False,

@@ -246,7 +246,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     spy = TensorSpy()
     callbacks: list[Callback] = [
         GradientMonitor(log_every_n_steps=1, warn=False),
-        HistogramLogger(every_n_steps=HIST_EVERY, bins=BINS),
+        HistogramLogger(every_n_steps=HIST_EVERY, bins=BINS, figure_every_n_steps=HIST_EVERY),
         spy,
     ]
     trainer = make_trainer(

@@ -69,8 +69,9 @@ class RecipeModule(pl.LightningModule):
         lr: learning rate.
         momentum: SGD momentum.
         weight_decay: L2 penalty (the optimizer's ``weight_decay``).
-        warmup_steps: linear warm-up from 0 over this many steps, then cosine decay to 0 at the end of
-            training; 0 = constant learning rate.
+        warmup_steps: linear warm-up from 0 over this many steps.
+        cosine: cosine decay of the learning rate to 0 at the end of training (after the warm-up);
+            with neither, the learning rate is constant.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class RecipeModule(pl.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        cosine: bool = False,
     ) -> None:
         super().__init__()
         if task not in ("classification", "regression"):
@@ -99,6 +101,7 @@ class RecipeModule(pl.LightningModule):
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
+        self.cosine = cosine
 
     @property
     def val_metric_name(self) -> str:
@@ -138,7 +141,7 @@ class RecipeModule(pl.LightningModule):
             opt = torch.optim.RMSprop(params, lr=self.lr, weight_decay=wd)
         else:
             opt = torch.optim.Adagrad(params, lr=self.lr, weight_decay=wd)
-        if not self.warmup_steps:
+        if not self.warmup_steps and not self.cosine:
             return opt
         warmup = self.warmup_steps
         total = max(int(self.trainer.estimated_stepping_batches), warmup + 1)
@@ -146,6 +149,8 @@ class RecipeModule(pl.LightningModule):
         def schedule(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
+            if not self.cosine:
+                return 1.0
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
             return 0.5 * (1.0 + math.cos(math.pi * progress))
 

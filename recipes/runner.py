@@ -388,6 +388,8 @@ def _layer_norms_from_events(run_dir: Path, model: torch.nn.Module) -> list[tupl
 def _fmt(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "-"
+    if x == 0:
+        return "0"
     if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4):
         return f"{x:.1e}"
     return f"{x:.{digits}f}"

@@ -1,0 +1,301 @@
+"""ResNet recipe: a plain deep CNN trains worse than its residual twin (He et al. 2016).
+
+The network is the CIFAR-style ResNet of depth ``6n + 2`` of He et al. 2016 (section 4.2): a 3x3 stem,
+three stages of ``n`` basic blocks with 16, 32 and 64 channels (stride 2 between stages, identity
+shortcuts padded with zeros, "option A"), global average pooling and a linear classifier. ``plain=True``
+removes the shortcuts and leaves the same layers. ``norm_free=True`` is a normalisation-free residual
+network in the spirit of Brock et al. 2021 (weight-standardised convolutions, scaled ReLU, residual
+branches that start at zero), the setting adaptive gradient clipping (AGC) was designed for.
+``backbone="resnet18"`` uses torchvision's resnet18 (3x3 stem, no max-pool) instead.
+
+Variants: ``plain``, ``residual``, ``plain_initswap`` and ``nf_agc``. As a LightningCLI script::
+
+    python -m recipes.resnet fit --config recipes/configs/resnet_plain.yaml
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from recipes.common import RecipeModule, Variant
+
+__all__ = ["RECIPE", "VARIANTS", "BasicBlock", "CifarResNet", "ResNetClassifier", "WSConv2d", "cli_main"]
+
+_NF_GAMMA = 1.7139  # ReLU's variance-preserving gain for unit-Gaussian inputs (Brock et al. 2021)
+
+
+class WSConv2d(nn.Conv2d):
+    """Convolution with scaled weight standardisation (Qiao et al. 2019; Brock et al. 2021): each output
+    filter is standardised to zero mean and ``1 / fan_in`` variance in the forward pass, times a learnt
+    gain."""
+
+    def __init__(self, *args: Any, eps: float = 1e-4, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        fan_in = w[0].numel()
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        w = (w - mean) * torch.rsqrt(var * fan_in + self.eps) * self.gain
+        return self._conv_forward(x, w, self.bias)
+
+
+class _ScaledReLU(nn.ReLU):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * _NF_GAMMA
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with an optional identity shortcut (zero-padded when the shape changes).
+
+    Args:
+        cin, cout: input and output channels.
+        stride: stride of the first convolution.
+        plain: no shortcut.
+        norm_free: weight-standardised convolutions without BatchNorm; the residual branch is scaled by
+            ``alpha`` and a learnt scalar that starts at zero (SkipInit, De & Smith 2020).
+        alpha: residual branch scale of the normalisation-free block.
+    """
+
+    def __init__(
+        self, cin: int, cout: int, stride: int, plain: bool, norm_free: bool, alpha: float = 0.2
+    ) -> None:
+        super().__init__()
+        self.plain = plain
+        self.norm_free = norm_free
+        self.stride = stride
+        self.pad = cout - cin
+        conv: type[nn.Conv2d] = WSConv2d if norm_free else nn.Conv2d
+        self.conv1 = conv(cin, cout, 3, stride=stride, padding=1, bias=norm_free)
+        self.conv2 = conv(cout, cout, 3, stride=1, padding=1, bias=norm_free)
+        self.bn1: nn.Module = nn.Identity() if norm_free else nn.BatchNorm2d(cout)
+        self.bn2: nn.Module = nn.Identity() if norm_free else nn.BatchNorm2d(cout)
+        self.act1: nn.Module = _ScaledReLU() if norm_free else nn.ReLU()
+        self.act2: nn.Module = _ScaledReLU() if norm_free else nn.ReLU()
+        self.alpha = alpha
+        self.skip_gain = nn.Parameter(torch.zeros(())) if norm_free else None
+
+    def _shortcut(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.pad:
+            x = nn.functional.pad(x, (0, 0, 0, 0, 0, self.pad))
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.norm_free:
+            assert self.skip_gain is not None  # set in __init__ when norm_free
+            out = self.conv2(self.act2(self.conv1(self.act1(x))))
+            return self._shortcut(x) + out * self.alpha * self.skip_gain
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if not self.plain:
+            out = out + self._shortcut(x)
+        return self.act2(out)
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of depth ``6n + 2`` (He et al. 2016, section 4.2).
+
+    Args:
+        depth: 20, 32, 44, 56, 110, ... (``(depth - 2) % 6 == 0``).
+        in_channels: image channels.
+        num_classes: output classes.
+        width: channels of the first stage (16 in the paper; doubled at each stage).
+        plain: remove every shortcut.
+        norm_free: normalisation-free residual blocks.
+    """
+
+    def __init__(
+        self,
+        depth: int = 20,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        width: int = 16,
+        plain: bool = False,
+        norm_free: bool = False,
+    ) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"`depth` must be 6n + 2 with n >= 1 (8, 20, 32, 56, 110...), got {depth!r}")
+        if plain and norm_free:
+            raise ValueError(
+                "`plain` and `norm_free` cannot both be True (the norm-free net needs shortcuts)"
+            )
+        n = (depth - 2) // 6
+        conv: type[nn.Conv2d] = WSConv2d if norm_free else nn.Conv2d
+        self.stem = conv(in_channels, width, 3, padding=1, bias=norm_free)
+        self.stem_bn: nn.Module = nn.Identity() if norm_free else nn.BatchNorm2d(width)
+        self.stem_act = nn.ReLU()
+        blocks: list[nn.Module] = []
+        cin = width
+        for stage in range(3):
+            cout = width * 2**stage
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlock(cin, cout, stride, plain, norm_free))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.final_act: nn.Module = nn.ReLU() if norm_free else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and not isinstance(m, WSConv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem_act(self.stem_bn(self.stem(x)))
+        x = self.final_act(self.blocks(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _resnet18(in_channels: int, num_classes: int) -> nn.Module:
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()  # type: ignore[assignment]
+    return net
+
+
+class ResNetClassifier(RecipeModule):
+    """Image classifier with a CIFAR ResNet (plain, residual or normalisation-free) or resnet18.
+
+    Args:
+        depth: ResNet depth ``6n + 2`` (ignored for resnet18).
+        plain: remove the shortcuts.
+        norm_free: normalisation-free residual blocks (for AGC).
+        backbone: ``"cifar"`` or ``"resnet18"``.
+        width: channels of the first stage.
+        in_channels: image channels (1 for the digits and MNIST, 3 for CIFAR-10).
+        num_classes: output classes.
+        optimizer, lr, momentum, weight_decay, warmup_steps: see :class:`~recipes.common.RecipeModule`.
+    """
+
+    def __init__(
+        self,
+        depth: int = 20,
+        plain: bool = False,
+        norm_free: bool = False,
+        backbone: str = "cifar",
+        width: int = 16,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__("classification", optimizer, lr, momentum, weight_decay, warmup_steps)
+        if backbone not in ("cifar", "resnet18"):
+            raise ValueError(f"`backbone` must be 'cifar' or 'resnet18', got {backbone!r}")
+        self.save_hyperparameters()
+        self.net: nn.Module
+        if backbone == "resnet18":
+            self.net = _resnet18(in_channels, num_classes)
+        else:
+            self.net = CifarResNet(depth, in_channels, num_classes, width, plain, norm_free)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+def _initswap() -> list[Callback]:
+    from stability_callbacks.init import InitSwap
+
+    return [InitSwap(scheme="auto", when="fit_start", verbose=False)]
+
+
+def _agc() -> list[Callback]:
+    from stability_callbacks.clipping import AGC
+
+    return [AGC(clip_factor=0.04)]
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant(
+            "plain",
+            "pathology: the ResNet without shortcuts (same layers, BatchNorm, He init)",
+            {"plain": True},
+        ),
+        Variant("residual", "the same net with identity shortcuts (He et al. 2016)"),
+        Variant(
+            "plain_initswap",
+            "plain net re-initialised by InitSwap('auto') at fit start",
+            {"plain": True},
+            _initswap,
+        ),
+        Variant(
+            "nf_agc",
+            "normalisation-free residual net (WS convs, zero-init branches) with AGC(0.04)",
+            {"norm_free": True},
+            _agc,
+        ),
+    ]
+}
+
+
+def _data_args(data: str) -> dict[str, Any]:
+    channels = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
+    if data not in channels:
+        raise ValueError(f"resnet trains on {sorted(channels)}, not {data!r}")
+    return {"in_channels": channels[data], "num_classes": 10}
+
+
+def _recipe() -> Any:
+    from recipes.runner import Preset, Recipe
+
+    return Recipe(
+        name="resnet",
+        module=ResNetClassifier,
+        variants=VARIANTS,
+        presets={
+            "cpu": Preset(
+                max_steps=200,
+                batch_size=64,
+                data="digits",
+                model={"depth": 32, "width": 8},
+                log_every_n_steps=10,
+                histogram_every_n_steps=100,
+                val_every_n_steps=100,
+            ),
+            "gpu": Preset(
+                max_steps=8000,
+                batch_size=128,
+                data="digits",
+                gpu_data="cifar10",
+                model={"depth": 110, "width": 16},
+                trainer={"accelerator": "auto", "precision": "bf16-mixed"},
+                log_every_n_steps=50,
+                histogram_every_n_steps=500,
+                val_every_n_steps=1000,
+            ),
+        },
+        divergence_bound=1e3,
+        data_args=_data_args,
+        flat=False,
+    )
+
+
+def cli_main(args: Any = None) -> None:
+    """LightningCLI entry point: ``python -m recipes.resnet fit --config ...``."""
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(ResNetClassifier, LightningDataModule, subclass_mode_data=True, args=args)
+
+
+RECIPE = _recipe()
+
+if __name__ == "__main__":
+    cli_main()

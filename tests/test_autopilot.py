@@ -1,0 +1,433 @@
+"""StabilityAutopilot and its layer-1 pieces: spike detection, snapshots, rollback, cooldown, resume."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import MLPModule, count_host_syncs, make_loader, make_trainer
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from stability_callbacks.autopilot import (
+    LossSpikeDetector,
+    RollbackLimitError,
+    SnapshotRing,
+    StabilityAutopilot,
+)
+from stability_callbacks.clipping import ZClip
+
+BASE_LR = 0.1
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD with momentum that records the learning rate each step actually used."""
+
+    def __init__(self, params: Any, lr: float) -> None:
+        super().__init__(params, lr=lr, momentum=0.9)
+        self.used_lrs: list[float] = []
+
+    def step(self, closure: Any = None) -> Any:
+        out = super().step(closure)
+        self.used_lrs.append(self.param_groups[0]["lr"])
+        return out
+
+
+class TroubleMLP(MLPModule):
+    """An MLP whose loss is multiplied by ``factor`` on the listed batches (by global step, or by batch
+    index for ``spike_batches``) and whose gradients turn NaN on ``nan_steps``."""
+
+    def __init__(
+        self,
+        spike_steps: tuple[int, ...] = (),
+        spike_batches: tuple[int, ...] = (),
+        nan_steps: tuple[int, ...] = (),
+        factor: float = 1e3,
+        gamma: float | None = None,
+    ) -> None:
+        torch.manual_seed(0)
+        super().__init__(lr=BASE_LR)
+        self.spike_steps = spike_steps
+        self.spike_batches = spike_batches
+        self.nan_steps = nan_steps
+        self.factor = factor
+        self.gamma = gamma
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        if self.global_step in self.spike_steps or batch_idx in self.spike_batches:
+            loss = loss * self.factor
+        return loss
+
+    def on_after_backward(self) -> None:
+        if self.global_step in self.nan_steps:
+            first = self.net[0]
+            assert isinstance(first, nn.Linear) and first.weight.grad is not None
+            first.weight.grad[0, 0] = math.nan
+
+    def configure_optimizers(self) -> Any:
+        opt = RecordingSGD(self.parameters(), lr=self.lr)
+        if self.gamma is None:
+            return opt
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=self.gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class Spy(Callback):
+    """Records weights and momentum at the start of every optimizer step, and what happened at its end."""
+
+    def __init__(self, autopilot: StabilityAutopilot) -> None:
+        self.autopilot = autopilot
+        self.start_state: dict[int, tuple[dict[str, Tensor], list[Tensor]]] = {}
+        self.rollback_at: list[int] = []  # global step (before the increment) of each rollback
+        self.after_rollback: list[tuple[dict[str, Tensor], list[Tensor]]] = []
+        self.group_lrs: list[float] = []
+        self._seen = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step not in self.start_state:
+            self.start_state[step] = _state(pl_module, trainer.optimizers[0])
+        self.group_lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.autopilot.rollbacks > self._seen:
+            self._seen = self.autopilot.rollbacks
+            self.rollback_at.append(trainer.global_step - 1)
+            self.after_rollback.append(_state(pl_module, trainer.optimizers[0]))
+
+
+def _state(module: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[Tensor]]:
+    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in module.parameters() if p in opt.state]
+    return weights, momentum
+
+
+def _assert_same(
+    a: tuple[dict[str, Tensor], list[Tensor]], b: tuple[dict[str, Tensor], list[Tensor]]
+) -> None:
+    assert a[0].keys() == b[0].keys()
+    for k in a[0]:
+        assert torch.equal(a[0][k], b[0][k]), k
+    assert len(a[1]) == len(b[1])
+    for x, y in zip(a[1], b[1], strict=True):
+        assert torch.equal(x, y)
+
+
+def _used(trainer: pl.Trainer) -> list[float]:
+    """The learning rates the optimizer's steps used."""
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, RecordingSGD)
+    return opt.used_lrs
+
+
+def _autopilot(**kwargs: Any) -> StabilityAutopilot:
+    defaults: dict[str, Any] = dict(
+        clipper=None,
+        reinit=False,
+        guard=False,
+        snapshot_every_n_steps=5,
+        max_snapshots=2,
+        spike_warmup=5,
+        cooldown_steps=4,
+        lr_factor=0.5,
+        verbose=False,
+    )
+    defaults.update(kwargs)
+    return StabilityAutopilot(**defaults)
+
+
+def _fit(
+    tmp_path: Path, model: pl.LightningModule, autopilot: StabilityAutopilot, steps: int = 20, **kw: Any
+) -> Spy:
+    spy = Spy(autopilot)
+    trainer = make_trainer(tmp_path, callbacks=[autopilot, spy], **kw)
+    trainer.fit(model, make_loader(n=16 * steps))
+    return spy
+
+
+# ---------------------------------------------------------------------------------------------------
+# layer 1
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_detector_zscore_known_values() -> None:
+    det = LossSpikeDetector("zscore", threshold=3.0, warmup=4, alpha=0.9, rel_std_floor=0.0)
+    flags = [bool(det.observe(torch.tensor(v))) for v in [1.0, 2.0, 3.0, 4.0]]
+    assert flags == [False] * 4
+    assert det.mean is not None and det.var is not None
+    assert det.mean.item() == pytest.approx(2.5)
+    assert det.var.item() == pytest.approx(statistics.pvariance([1.0, 2.0, 3.0, 4.0]))
+    # after warm-up: EMA; 3.0 is within 3 std (std = sqrt(1.25))
+    assert not bool(det.observe(torch.tensor(3.0)))
+    mean, var = 2.5 + 0.1 * 0.5, 0.9 * (1.25 + 0.1 * 0.25)
+    assert det.mean.item() == pytest.approx(mean)
+    assert det.var.item() == pytest.approx(var)
+    # 3 std above is a spike and changes nothing; NaN too
+    assert bool(det.observe(torch.tensor(mean + 3.01 * math.sqrt(var))))
+    assert bool(det.observe(torch.tensor(math.nan)))
+    assert det.mean.item() == pytest.approx(mean) and det.var.item() == pytest.approx(var)
+    assert det.count is not None and det.count.item() == 5
+    assert not bool(det.observe(torch.tensor(mean + 2.9 * math.sqrt(var))))
+
+
+def test_detector_warmup_and_nan() -> None:
+    det = LossSpikeDetector("zscore", warmup=3)
+    assert not bool(det.observe(torch.tensor(1.0)))
+    assert not bool(det.observe(torch.tensor(1000.0)))  # warm-up: no judgement of finite values
+    assert bool(det.observe(torch.tensor(math.inf)))  # non-finite: always a spike
+    assert det.count is not None and det.count.item() == 2
+
+
+def test_detector_ratio_known_values() -> None:
+    det = LossSpikeDetector("ratio", threshold=3.0, warmup=3, window=3)
+    for v in [1.0, 2.0, 3.0]:
+        assert not bool(det.observe(torch.tensor(v)))
+    assert bool(det.observe(torch.tensor(6.5)))  # > 3 * median(1, 2, 3)
+    assert not bool(det.observe(torch.tensor(5.0)))  # replaces the oldest (1.0)
+    assert det.history is not None and sorted(det.history.tolist()) == [2.0, 3.0, 5.0]
+    assert bool(det.observe(torch.tensor(9.1)))  # > 3 * 3
+
+
+def test_detector_state_round_trip() -> None:
+    det = LossSpikeDetector("ratio", warmup=2, window=4)
+    for v in [1.0, 2.0, 3.0]:
+        det.observe(torch.tensor(v))
+    other = LossSpikeDetector("ratio", warmup=2, window=4)
+    other.load_state_dict(det.state_dict())
+    assert bool(other.observe(torch.tensor(7.0))) == bool(det.observe(torch.tensor(7.0))) is True
+    fresh = LossSpikeDetector("ratio", warmup=2, window=4)
+    fresh.load_state_dict({})
+    assert fresh.count is None
+
+
+def test_snapshot_ring_take_evict_restore() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ring = SnapshotRing(every_n_steps=5, max_snapshots=2, device="host")
+    params = list(model.parameters())
+    saved = {}
+    for step in range(12):
+        if ring.due(step):
+            ring.take(step, model, [opt])
+            saved[step] = [p.detach().clone() for p in params]
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert ring.steps == [5, 10]
+    assert not ring.due(10) and ring.due(15) and not ring.due(11)
+    # nbytes: weights (8 floats) + momentum (8 floats) per snapshot
+    assert ring.nbytes == 2 * (8 + 8) * 4
+    opt.param_groups[0]["lr"] = 0.01  # a scheduler changed it: restoring keeps it
+    snap = ring.restore(model, [opt], before_step=10)
+    assert snap.step == 5
+    for p, s in zip(params, saved[5], strict=True):
+        assert torch.equal(p, s)
+    assert next(iter(model.parameters())) is params[0]
+    assert opt.param_groups[0]["lr"] == 0.01
+    # the optimizer does not alias the snapshot: another step leaves it intact
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    again = ring.restore(model, [opt], before_step=10)
+    for p, s in zip(params, saved[5], strict=True):
+        assert torch.equal(p, s)
+    assert again is snap
+    ring.drop_after(5)
+    assert ring.steps == [5]
+    with pytest.raises(LookupError):
+        ring.restore(model, [opt], before_step=5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the callback
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_spike_rolls_back_to_snapshot_and_cools_down(tmp_path: Path) -> None:
+    model = TroubleMLP(spike_steps=(12,), gamma=0.95)
+    ap = _autopilot()
+    spy = _fit(tmp_path, model, ap, steps=20)
+    assert spy.rollback_at == [12]
+    assert ap.rollbacks == 1
+    # the newest snapshot before step 12 was taken before step 10: weights and momentum are back there
+    _assert_same(spy.after_rollback[0], spy.start_state[10])
+    # and training went on from there: step 13 starts from the snapshot state
+    _assert_same(spy.start_state[13], spy.start_state[10])
+    assert ap.bad_batches == {(0, 12)}
+    # learning rate: the schedule's, halved for steps 13..16, then the schedule's again
+    expected = [BASE_LR * 0.95**t * (0.5 if 13 <= t < 17 else 1.0) for t in range(20)]
+    assert _used(model.trainer) == pytest.approx(expected)
+    # the scheduler (and anyone reading param_groups) sees the unscaled schedule throughout
+    assert spy.group_lrs == pytest.approx([BASE_LR * 0.95**t for t in range(20)])
+    assert ap.lr_scale == 1.0 and ap.cooldown_remaining == 0
+    assert len(ap.events) == 2 and "rolled back to the snapshot taken before step 10" in ap.events[0]
+    assert ap.events[1].startswith("step 17: cooldown over")
+
+
+def test_nan_burst_skips_then_rolls_back(tmp_path: Path) -> None:
+    model = TroubleMLP(nan_steps=(12, 13, 14))
+    ap = _autopilot(guard=True, max_consecutive_skips=3)
+    spy = _fit(tmp_path, model, ap, steps=20)
+    assert spy.rollback_at == [14]
+    assert ap.skipped == 3
+    # steps 12 and 13 were skipped: nothing changed
+    _assert_same(spy.start_state[13], spy.start_state[12])
+    _assert_same(spy.start_state[14], spy.start_state[12])
+    # rollback to the newest snapshot before the first bad step (12): the one before step 10
+    _assert_same(spy.after_rollback[0], spy.start_state[10])
+    assert ap.bad_batches == {(0, 12), (0, 13), (0, 14)}
+    assert _used(model.trainer)[15:19] == pytest.approx([BASE_LR * 0.5] * 4)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_rollback_limit_raises(tmp_path: Path) -> None:
+    model = TroubleMLP(spike_steps=(8, 10, 12))
+    ap = _autopilot(max_rollbacks=2)
+    with pytest.raises(RollbackLimitError, match="max_rollbacks=2"):
+        _fit(tmp_path, model, ap, steps=20)
+    assert ap.rollbacks == 2
+
+
+def test_gradient_accumulation(tmp_path: Path) -> None:
+    model = TroubleMLP(spike_batches=(13,))  # optimizer step 6 = batches 12 and 13
+    ap = _autopilot()
+    spy = _fit(tmp_path, model, ap, steps=24, accumulate_grad_batches=2)
+    assert spy.rollback_at == [6]
+    _assert_same(spy.after_rollback[0], spy.start_state[5])
+    assert ap.bad_batches == {(0, 12), (0, 13)}
+    assert _used(model.trainer) == pytest.approx([BASE_LR * (0.5 if 7 <= t < 11 else 1.0) for t in range(12)])
+
+
+def test_known_bad_batch_is_skipped(tmp_path: Path) -> None:
+    ap = _autopilot()
+    ap.load_state_dict({"bad_batches": [[0, 3]]})
+    spy = _fit(tmp_path, TroubleMLP(), ap, steps=8)
+    _assert_same(spy.start_state[4], spy.start_state[3])  # step 3 changed nothing
+    assert not torch.equal(spy.start_state[5][0]["net.0.weight"], spy.start_state[4][0]["net.0.weight"])
+    assert ap.skipped == 1 and ap.rollbacks == 0
+
+
+def test_resume_mid_cooldown(tmp_path: Path) -> None:
+    model = TroubleMLP(spike_steps=(8,))
+    ap = _autopilot(cooldown_steps=6)
+    trainer = make_trainer(tmp_path, callbacks=[ap], max_epochs=1)
+    loader = make_loader(n=16 * 10)
+    trainer.fit(model, loader)
+    assert ap.rollbacks == 1 and ap.cooldown_until == 15 and ap.lr_scale == 0.5 and ap.cooldown_remaining == 5
+    assert _used(model.trainer)[9:] == pytest.approx([BASE_LR * 0.5])
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    torch.load(ckpt, weights_only=True)
+
+    model2 = TroubleMLP()
+    ap2 = _autopilot(cooldown_steps=6)
+    trainer2 = make_trainer(tmp_path, callbacks=[ap2], max_epochs=2)
+    trainer2.fit(model2, loader, ckpt_path=str(ckpt))
+    assert ap2.rollbacks == 1 and ap2.cooldown_until == 15
+    assert ap2.lr_scale == 1.0 and ap2.events[-1].startswith("step 15: cooldown over")
+    # steps 10..14 still cooled down, 15.. back to the base rate
+    assert _used(trainer2) == pytest.approx([BASE_LR * (0.5 if t < 15 else 1.0) for t in range(10, 20)])
+
+
+@pytest.mark.parametrize("checkpoint_snapshots", [False, True])
+def test_state_round_trip_weights_only(tmp_path: Path, checkpoint_snapshots: bool) -> None:
+    model = TroubleMLP(spike_steps=(7,))
+    ap = _autopilot(guard=True, clipper="zclip", checkpoint_snapshots=checkpoint_snapshots)
+    _fit(tmp_path, model, ap, steps=10)
+    state = ap.state_dict()
+    torch.save(state, tmp_path / "s.pt")
+    loaded = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert ("snapshots" in loaded) is checkpoint_snapshots
+    other = _autopilot(guard=True, clipper="zclip", checkpoint_snapshots=checkpoint_snapshots)
+    other.load_state_dict(loaded)
+    again = other.state_dict()
+    assert again.keys() == state.keys()
+    for key in ("rollbacks", "lr_scale", "cooldown_until", "bad_batches", "events"):
+        assert again[key] == state[key]
+    assert again["children"]["clipper"] == state["children"]["clipper"]
+    for k in state["detector"]:
+        assert torch.allclose(again["detector"][k], state["detector"][k], equal_nan=True)
+    if checkpoint_snapshots:
+        assert [s["step"] for s in loaded["snapshots"]["snapshots"]] == other.ring.steps == ap.ring.steps
+    else:
+        assert len(other.ring) == 0
+    # missing state: a fresh start
+    fresh = _autopilot()
+    fresh.load_state_dict({})
+    assert fresh.rollbacks == 0 and fresh.lr_scale == 1.0
+
+
+def _count_syncs(tmp_path: Path, ap: StabilityAutopilot, steps: int) -> list[list[str]]:
+    calls: list[list[str]] = []
+    with count_host_syncs() as counter:
+        for hook in ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"):
+            original = getattr(ap, hook)
+
+            def counted(*args: Any, _original: Any = original, _hook: str = hook) -> None:
+                counter.calls, counter.active = [], True
+                try:
+                    _original(*args)
+                finally:
+                    counter.active = False
+                    if _hook == "on_train_batch_end":
+                        calls.append(list(counter.calls))
+                    else:
+                        assert counter.calls == [], _hook
+
+            setattr(ap, hook, counted)
+        make_trainer(tmp_path, max_steps=steps, max_epochs=None, callbacks=[ap]).fit(
+            TroubleMLP(), make_loader()
+        )
+    return calls
+
+
+def test_no_host_sync_without_rollback(tmp_path: Path) -> None:
+    ap = StabilityAutopilot(clipper="zclip", reinit=False, guard=False, rollback=False, verbose=False)
+    assert _count_syncs(tmp_path, ap, 4) == [[]] * 4
+
+
+def test_one_host_sync_per_step_with_rollback(tmp_path: Path) -> None:
+    ap = StabilityAutopilot(
+        clipper="zclip", reinit=False, guard=False, verbose=False, snapshot_every_n_steps=2
+    )
+    assert _count_syncs(tmp_path, ap, 4) == [["item"]] * 4
+
+
+def test_children_act(tmp_path: Path) -> None:
+    ap = StabilityAutopilot(clipper=ZClip(warmup_steps=2), reinit=False, verbose=False)
+    assert isinstance(ap.children["clipper"], ZClip)
+    _fit(tmp_path, TroubleMLP(), ap, steps=6)
+    clipper = ap.children["clipper"]
+    assert isinstance(clipper, ZClip) and clipper.steps == 6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"clipper": "nope"}, "clipper"),
+        ({"clipper": 3}, "clipper"),
+        ({"snapshot_every_n_steps": 0}, "every_n_steps"),
+        ({"max_snapshots": 0}, "max_snapshots"),
+        ({"snapshot_device": "gpu"}, "device"),
+        ({"spike_mode": "median"}, "mode"),
+        ({"spike_threshold": -1.0}, "threshold"),
+        ({"spike_mode": "ratio", "spike_threshold": 0.5}, "threshold"),
+        ({"max_consecutive_skips": 0}, "max_consecutive_skips"),
+        ({"lr_factor": 0.0}, "lr_factor"),
+        ({"lr_factor": 1.5}, "lr_factor"),
+        ({"cooldown_steps": -1}, "cooldown_steps"),
+        ({"max_rollbacks": -1}, "max_rollbacks"),
+        ({"rollback": 1}, "rollback"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        StabilityAutopilot(**kwargs)

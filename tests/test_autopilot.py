@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import MLPModule, count_host_syncs, make_loader, make_trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from tb_events import load_events, scalars
 from torch import Tensor, nn
 
 from stability_callbacks.autopilot import (
@@ -250,9 +252,10 @@ def test_snapshot_ring_take_evict_restore() -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_spike_rolls_back_to_snapshot_and_cools_down(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("mode", "device"), [("zscore", "host"), ("ratio", "device")])
+def test_spike_rolls_back_to_snapshot_and_cools_down(tmp_path: Path, mode: str, device: str) -> None:
     model = TroubleMLP(spike_steps=(12,), gamma=0.95)
-    ap = _autopilot()
+    ap = _autopilot(spike_mode=mode, snapshot_device=device)
     spy = _fit(tmp_path, model, ap, steps=20)
     assert spy.rollback_at == [12]
     assert ap.rollbacks == 1
@@ -431,3 +434,103 @@ def test_children_act(tmp_path: Path) -> None:
 def test_bad_arguments(kwargs: dict[str, Any], name: str) -> None:
     with pytest.raises(ValueError, match=name):
         StabilityAutopilot(**kwargs)
+
+
+def test_actions_are_logged_and_explained(tmp_path: Path) -> None:
+    model = TroubleMLP(spike_steps=(12,))
+    ap = _autopilot(verbose=True, log_every_n_steps=5)
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    trainer = make_trainer(tmp_path, callbacks=[ap], logger=logger, max_epochs=1)
+    with pytest.warns(UserWarning, match=r"StabilityAutopilot: step 13: the training loss spiked at step 12"):
+        trainer.fit(model, make_loader(n=16 * 20))
+    acc = load_events(logger.log_dir)
+    rollback = scalars(acc, "autopilot/rollback")
+    lr_scale = scalars(acc, "autopilot/lr_scale")
+    # cadence steps 4, 9, 14, 19 plus the action itself (logged at step 13)
+    assert rollback == {4: 0.0, 9: 0.0, 13: 1.0, 14: 1.0, 19: 1.0}
+    assert lr_scale == {4: 1.0, 9: 1.0, 13: 0.5, 14: 0.5, 19: 1.0}
+    assert set(scalars(acc, "autopilot/skipped").values()) == {0.0}
+    assert set(scalars(acc, "autopilot/reinit").values()) == {0.0}
+    texts = {
+        e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors("autopilot/timeline/text_summary")
+    }
+    assert sorted(texts) == [13, 17]
+    assert "rolled back to the snapshot taken before step 10" in texts[13]
+    assert texts[17].count("\n") == 1 and "cooldown over" in texts[17]  # the whole timeline so far
+
+
+def test_reinit_on_vanishing_drops_older_snapshots(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MLPModule(depth=30, width=32, activation=nn.Sigmoid, lr=0.1)
+    ap = StabilityAutopilot(
+        clipper=None, reinit_scheme="lsuv", reinit_watch_steps=10, snapshot_every_n_steps=5, verbose=False
+    )
+    spy = _fit(tmp_path, model, ap, steps=8)
+    assert ap.reinit_done
+    assert ap.children["reinit"].reinit_step == 2  # type: ignore[attr-defined]
+    assert ap.ring.steps == [3, 5]  # the snapshot of step 0 held the old weights
+    _assert_same((ap.ring.snapshots[0].model, []), (spy.start_state[3][0], []))
+    assert any("re-initialised" in e for e in ap.events)
+
+
+def test_pickle_and_deepcopy(tmp_path: Path) -> None:
+    import copy
+    import pickle
+
+    ap = _autopilot(guard=True, clipper="agc")
+    _fit(tmp_path, TroubleMLP(spike_steps=(7,)), ap, steps=10)
+    for other in (pickle.loads(pickle.dumps(ap)), copy.deepcopy(ap)):
+        assert other.rollbacks == 1 and other.bad_batches == {(0, 7)}
+        assert other.state_key == ap.state_key
+    assert StabilityAutopilot(clipper="zclip").state_key != StabilityAutopilot(clipper="autoclip").state_key
+
+
+class RankSpike(TroubleMLP):
+    """The loss spikes on global rank 1 only, at step 12."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        if self.global_step == 12 and self.global_rank == 1:
+            loss = loss * 1e3
+        return loss
+
+
+class RankRecorder(Callback):
+    def __init__(self) -> None:
+        self.at_10: Tensor | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == 10:
+            self.at_10 = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step != 13:
+            return
+        ap = next(cb for cb in trainer.callbacks if isinstance(cb, StabilityAutopilot))  # type: ignore[attr-defined]
+        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        assert self.at_10 is not None
+        result = {
+            "weights": trainer.strategy.all_gather(flat),
+            "at_10": trainer.strategy.all_gather(self.at_10),
+            "rollbacks": trainer.strategy.all_gather(torch.tensor(float(ap.rollbacks))),
+        }
+        if trainer.is_global_zero:
+            torch.save(result, Path(trainer.default_root_dir) / "ranks.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_spike_on_one_rank_rolls_back_every_rank(tmp_path: Path) -> None:
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=16,
+        max_epochs=None,
+        strategy="ddp_spawn",
+        devices=2,
+        callbacks=[_autopilot(), RankRecorder()],
+    )
+    trainer.fit(RankSpike(), make_loader(n=16 * 32))
+    result = torch.load(tmp_path / "ranks.pt", weights_only=True)
+    assert result["rollbacks"].tolist() == [1.0, 1.0]
+    assert torch.equal(result["weights"][0], result["weights"][1])
+    assert torch.equal(result["weights"][0], result["at_10"][0])  # back to the snapshot before step 10

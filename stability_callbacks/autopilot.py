@@ -752,7 +752,7 @@ class StabilityAutopilot(StabilityCallback):
         if not self.rollback:
             return
         spike = False
-        if self._window_loss is not None:
+        if self._window_loss is not None and not self._skip_window:  # a skipped known-bad batch is not judged
             flag = self.detector.observe(self._window_loss / len(self._window_batches)).float()
             spike = bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)  # the one read a step
         guard = self.children.get("guard")

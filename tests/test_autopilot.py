@@ -309,9 +309,9 @@ def test_gradient_accumulation(tmp_path: Path) -> None:
 
 
 def test_known_bad_batch_is_skipped(tmp_path: Path) -> None:
-    ap = _autopilot()
+    ap = _autopilot(spike_warmup=2)
     ap.load_state_dict({"bad_batches": [[0, 3]]})
-    spy = _fit(tmp_path, TroubleMLP(), ap, steps=8)
+    spy = _fit(tmp_path, TroubleMLP(spike_batches=(3,)), ap, steps=8)  # the bad batch comes again
     _assert_same(spy.start_state[4], spy.start_state[3])  # step 3 changed nothing
     assert not torch.equal(spy.start_state[5][0]["net.0.weight"], spy.start_state[4][0]["net.0.weight"])
     assert ap.skipped == 1 and ap.rollbacks == 0

@@ -147,7 +147,7 @@ class TensorStats:
     Attributes:
         l2: L2 norm of each tensor (non-finite if the tensor holds a NaN or an inf).
         max_abs: largest absolute value.
-        mean_abs: mean absolute value.
+        mean_abs: mean absolute value (from the float32 L1 norm: inf if that sum exceeds float32).
         numel: number of stored values (float32, so ratios need no cast).
         nonfinite: number of NaN and infinite values.
     """

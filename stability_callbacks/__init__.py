@@ -2,12 +2,19 @@
 
 Callbacks (layer 2): :class:`GradientMonitor`, :class:`AutoClip`, :class:`ZClip`, :class:`AGC`,
 :class:`NormClip`, :class:`ValueClip`, :class:`NonFiniteGuard`, :class:`InitSwap`,
-:class:`HistogramLogger`, :class:`ActivationMonitor`. The tensor math beneath them (layer 1) works in
-a plain PyTorch loop too: :func:`gradient_norms`, :func:`total_norm`, :func:`clip_grad_norm_to`,
-:func:`adaptive_clip_grad_`, :func:`init_swap`, :func:`lsuv_`, :func:`tensor_histograms`...
+:class:`HistogramLogger`, :class:`ActivationMonitor`, and :class:`StabilityAutopilot`, which
+composes them. The tensor math beneath them (layer 1) works in a plain PyTorch loop too:
+:func:`gradient_norms`, :func:`total_norm`, :func:`clip_grad_norm_to`, :func:`adaptive_clip_grad_`,
+:func:`init_swap`, :func:`lsuv_`, :func:`tensor_histograms`...
 """
 
 from stability_callbacks.activations import ActivationMonitor, activation_stats
+from stability_callbacks.autopilot import (
+    LossSpikeDetector,
+    RollbackLimitError,
+    SnapshotRing,
+    StabilityAutopilot,
+)
 from stability_callbacks.clipping import (
     AGC,
     AutoClip,
@@ -47,10 +54,14 @@ __all__ = [
     "InitReport",
     "InitSwap",
     "LayerIndex",
+    "LossSpikeDetector",
     "NonFiniteGradientError",
     "NonFiniteGuard",
     "NormClip",
     "PercentilePolicy",
+    "RollbackLimitError",
+    "SnapshotRing",
+    "StabilityAutopilot",
     "TensorStats",
     "ValueClip",
     "ZClip",

@@ -352,3 +352,24 @@ def test_monitor_runs_before_gradient_modifying_callbacks(tmp_path: Path) -> Non
     assert trainer.callbacks.index(monitor) < trainer.callbacks.index(naive) + 2
     assert monitor.last_diagnosis is not None
     assert monitor.last_diagnosis.total_norm == pytest.approx(naive.by_step[0]["total"], rel=1e-6)
+
+
+@pytest.mark.ddp
+def test_ddp_logs_from_rank_zero_only(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="ddp", version=0)
+    trainer = make_trainer(
+        tmp_path,
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=4,
+        max_epochs=None,
+        logger=logger,
+        log_every_n_steps=1,
+        callbacks=[GradientMonitor()],
+    )
+    trainer.fit(MLPModule(), make_loader(n=128))
+    event_files = list((tmp_path / "ddp" / "version_0").glob("events.out.tfevents.*"))
+    assert len(event_files) == 1
+    acc = EventAccumulator(str(event_files[0]))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("grad_norm/total")] == [0, 1, 2, 3]  # once per step, not per rank

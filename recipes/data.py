@@ -260,7 +260,7 @@ class TorchvisionDataModule(pl.LightningDataModule):
         super().__init__()
         if name not in _TORCHVISION:
             raise ValueError(f"`name` must be one of {sorted(_TORCHVISION)}, got {name!r}")
-        self.name = name
+        self.dataset = name
         self.data_dir = data_dir
         self.download = download
         self.flat = flat
@@ -277,7 +277,7 @@ class TorchvisionDataModule(pl.LightningDataModule):
     def _transform(self) -> Any:
         from torchvision import transforms
 
-        _, _, _, mean, std = _TORCHVISION[self.name]
+        _, _, _, mean, std = _TORCHVISION[self.dataset]
         steps: list[Any] = [transforms.ToTensor(), transforms.Normalize(mean, std)]
         if self.flat:
             steps.append(transforms.Lambda(torch.flatten))
@@ -285,14 +285,14 @@ class TorchvisionDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.download:
-            _torchvision_dataset(self.name, self.data_dir, True, True, None)
-            _torchvision_dataset(self.name, self.data_dir, False, True, None)
+            _torchvision_dataset(self.dataset, self.data_dir, True, True, None)
+            _torchvision_dataset(self.dataset, self.data_dir, False, True, None)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             t = self._transform()
-            self.train_set = _torchvision_dataset(self.name, self.data_dir, True, False, t)
-            self.val_set = _torchvision_dataset(self.name, self.data_dir, False, False, t)
+            self.train_set = _torchvision_dataset(self.dataset, self.data_dir, True, False, t)
+            self.val_set = _torchvision_dataset(self.dataset, self.data_dir, False, False, t)
 
     def train_dataloader(self) -> DataLoader[Any]:
         self.setup()

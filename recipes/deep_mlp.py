@@ -163,6 +163,7 @@ class DeepMLP(RecipeModule):
 
     def _init_weights(self, init: str) -> None:
         act = self.activation
+        nonlin: Any
         if act in ("relu", "leaky_relu"):
             nonlin, slope = act, 0.2 if act == "leaky_relu" else 0.0
         elif act in ("elu", "silu"):
@@ -239,8 +240,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("rmsprop", "sigmoid net trained with RMSprop", {"optimizer": "rmsprop", "lr": 1e-3}),
         Variant(
             "warmup",
-            "relu_he at 4x the learning rate (0.02) with a 100-step linear warm-up",
-            {**RELU_HE, "lr": 0.02, "warmup_steps": 100},
+            "relu_he at twice the learning rate (0.01) with a 100-step linear warm-up",
+            {**RELU_HE, "lr": 0.01, "warmup_steps": 100},
         ),
         Variant("ema", "relu_he with Lightning's EMA weight averaging (decay 0.99)", dict(RELU_HE), _ema),
         Variant(

@@ -161,7 +161,7 @@ def _resnet18(in_channels: int, num_classes: int) -> nn.Module:
 
     net = torchvision.models.resnet18(num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()  # type: ignore[assignment]
+    net.maxpool = nn.Identity()
     return net
 
 
@@ -205,7 +205,8 @@ class ResNetClassifier(RecipeModule):
             self.net = CifarResNet(depth, in_channels, num_classes, width, plain, norm_free)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)  # type: ignore[no-any-return]
+        out: Tensor = self.net(x)
+        return out
 
 
 def _initswap() -> list[Callback]:

@@ -599,7 +599,7 @@ def depth_table(
         val = None
         if not recorder.diverged:
             model.eval()
-            dm.setup()
+            dm.setup("validate")
             with torch.no_grad():
                 correct = total = 0
                 for x, y in dm.val_dataloader():

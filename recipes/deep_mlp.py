@@ -275,6 +275,7 @@ def _recipe() -> Any:
                 log_every_n_steps=10,
                 histogram_every_n_steps=100,
                 val_every_n_steps=200,
+                cpu_threads=1,
             ),
             "gpu": Preset(
                 max_steps=5000,

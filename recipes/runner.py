@@ -61,6 +61,8 @@ class Preset:
         histogram_every_n_steps: the histogram logger's cadence.
         val_every_n_steps: validation cadence during training (a final validation always runs).
         gpu_data: data set to use instead of ``data`` when ``--data-dir`` holds it.
+        cpu_threads: intra-op threads for the run (``None``: PyTorch's default). The CPU presets' models
+            are tiny: one thread is as fast as two and does not thrash when other jobs share the cores.
     """
 
     max_steps: int
@@ -73,6 +75,7 @@ class Preset:
     histogram_every_n_steps: int = 100
     val_every_n_steps: int = 200
     gpu_data: str | None = None
+    cpu_threads: int | None = None
 
 
 @dataclass
@@ -324,15 +327,21 @@ def run_variant(
     trainer_kwargs.update(pre.trainer)
     trainer_kwargs.update(trainer_overrides or {})
     trainer = pl.Trainer(**trainer_kwargs)
+    threads = torch.get_num_threads()
+    if pre.cpu_threads:
+        torch.set_num_threads(pre.cpu_threads)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    metric_name = getattr(model, "val_metric_name", "val_acc")
-    val: float | None = None
-    if not recorder.diverged:
-        out = trainer.validate(model, datamodule=dm, verbose=False)
-        val = out[0].get(metric_name) if out else None
-        if val is not None and not math.isfinite(val):
-            val = None
+    try:
+        trainer.fit(model, datamodule=dm)
+        metric_name = getattr(model, "val_metric_name", "val_acc")
+        val: float | None = None
+        if not recorder.diverged:
+            out = trainer.validate(model, datamodule=dm, verbose=False)
+            val = out[0].get(metric_name) if out else None
+            if val is not None and not math.isfinite(val):
+                val = None
+    finally:
+        torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
     if logger:
         logger.experiment.flush()
@@ -595,7 +604,12 @@ def depth_table(
             limit_val_batches=0,
             callbacks=[monitor, recorder],
         )
-        trainer.fit(model, datamodule=dm)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(pre.cpu_threads or threads)
+        try:
+            trainer.fit(model, datamodule=dm)
+        finally:
+            torch.set_num_threads(threads)
         val = None
         if not recorder.diverged:
             model.eval()

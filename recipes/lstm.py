@@ -90,7 +90,7 @@ def _clip(name: str) -> list[Callback]:
         return [clipping.NormClip(max_norm=1.0)]
     if name == "auto":
         return [clipping.AutoClip(percentile=10.0)]
-    return [clipping.ZClip(max_grad_norm=1.0)]
+    return [clipping.ZClip(max_grad_norm=5.0)]
 
 
 def _initswap() -> list[Callback]:
@@ -124,7 +124,7 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant(
             "rnn_zclip",
-            "rnn_exploding with ZClip (z-score of the norm, capped at 1 in warm-up)",
+            "rnn_exploding with ZClip (z-score spike clipping, norm capped at 5)",
             dict(EXPLODING),
             lambda: _clip("z"),
         ),

@@ -493,6 +493,9 @@ def _plot(recipe: Recipe, results: dict[str, RunResult], path: Path) -> None:
         ylabel="L2 norm",
         yscale="log",
     )
+    from matplotlib.ticker import MaxNLocator
+
+    ax_grad.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.legend(fontsize=7, ncol=2)
     ax_grad.legend(fontsize=7, ncol=2)
     fig.tight_layout()

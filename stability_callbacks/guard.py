@@ -128,15 +128,15 @@ class NonFiniteGuard(StabilityCallback):
                 )
             else:
                 self._check_consecutive(trainer, pl_module, params)
-                for p in params:
-                    p.grad = None  # the optimizer leaves the parameter and its state alone
-                self.skipped += 1
-                if not self._warned:
+                if not self._warned:  # described before the gradients are dropped
                     self._warned = True
                     rank_zero_warn(
                         f"NonFiniteGuard: skipped step {trainer.global_step} with non-finite gradients "
                         f"({self._describe(pl_module, params)}); later skips are counted in guard/skipped."
                     )
+                for p in params:
+                    p.grad = None  # the optimizer leaves the parameter and its state alone
+                self.skipped += 1
         else:
             self.consecutive = 0
         every: int = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 0

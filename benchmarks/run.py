@@ -1,0 +1,145 @@
+"""Run every benchmark of the project and write their tables to ``benchmarks/RESULTS.md``.
+
+Each benchmark runs in a fresh process, one after the other (never in parallel: they time wall
+clock), and prints markdown tables whose ratios are measured within that one run. This script
+gathers them under a header that describes the machine.
+
+Run from the repository root::
+
+    python -m benchmarks                       # everything, about half an hour on a 2-core CPU
+    python -m benchmarks --only monitor scaling
+    python -m benchmarks --output benchmarks/RESULTS-gpu.md   # on a GPU machine
+    python -m benchmarks --dry-run             # print the commands only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    title: str
+    script: str
+    args: tuple[str, ...] = ()
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(HERE / self.script), *self.args]
+
+    def shown(self) -> str:
+        return " ".join(["python", f"benchmarks/{self.script}", *self.args])
+
+
+BENCHMARKS = [
+    Benchmark(
+        "monitor",
+        "GradientMonitor vs a bare fit and Lightning's grad_norm snippet",
+        "monitor_overhead.py",
+        ("--repeats", "3"),
+    ),
+    Benchmark(
+        "clipping",
+        "Clippers and NonFiniteGuard vs gradient_clip_val and the peer packages",
+        "clipping_overhead.py",
+        ("--repeats", "3", "--steps-resnet", "40", "--steps-mlp", "150"),
+    ),
+    Benchmark(
+        "histograms",
+        "HistogramLogger vs SummaryWriter.add_histogram",
+        "histogram_speed.py",
+        ("--reps", "3"),
+    ),
+    Benchmark(
+        "autopilot",
+        "StabilityAutopilot when nothing goes wrong, and one snapshot",
+        "autopilot_overhead.py",
+        ("--repeats", "3"),
+    ),
+    Benchmark(
+        "scaling",
+        "Overhead growth with tensor count and parameter count",
+        "scaling.py",
+        ("--repeats", "3"),
+    ),
+]
+
+
+def describe_machine() -> list[str]:
+    import lightning
+    import torch
+
+    python = f"Python {platform.python_version()}"
+    lines = [f"- {python}, torch {torch.__version__}, lightning {lightning.__version__}"]
+    if torch.cuda.is_available():
+        lines.append(f"- GPU: {torch.cuda.get_device_name()}")
+    lines.append(
+        f"- CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{platform.system()} {platform.release()}"
+    )
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        lines.append(f"- commit {commit}")
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    names = [b.name for b in BENCHMARKS]
+    parser.add_argument("--only", nargs="+", choices=names, default=names, help="benchmarks to run")
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    args = parser.parse_args(argv)
+    chosen = [b for b in BENCHMARKS if b.name in args.only]
+    if args.dry_run:
+        for b in chosen:
+            print(b.shown())
+        return 0
+
+    started = time.perf_counter()
+    sections: list[str] = []
+    failed: list[str] = []
+    for b in chosen:
+        print(f"[{b.name}] {b.shown()}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(b.command(), cwd=ROOT, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        body = proc.stdout.strip()
+        if proc.returncode != 0:
+            failed.append(b.name)
+            tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+            body += f"\n\nFAILED with exit code {proc.returncode}:\n\n```\n{tail}\n```"
+        sections.append(f"## {b.title}\n\n`{b.shown()}` ({seconds / 60:.1f} min)\n\n{body}\n")
+        print(body + "\n", flush=True)
+
+    total = (time.perf_counter() - started) / 60
+    header = [
+        "# Benchmark results",
+        "",
+        f"Written by `python -m benchmarks` on {datetime.date.today().isoformat()} in {total:.0f} min.",
+        "Every ratio compares variants timed in the same run, interleaved, median of the repetitions.",
+        "",
+        *describe_machine(),
+        "",
+    ]
+    args.output.write_text("\n".join(header) + "\n" + "\n".join(sections))
+    print(f"wrote {args.output}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,6 +9,7 @@ Run from the repository root::
     python -m benchmarks                       # everything, about half an hour on a 2-core CPU
     python -m benchmarks --only monitor scaling
     python -m benchmarks --output benchmarks/RESULTS-gpu.md   # on a GPU machine
+    python -m benchmarks --threads 1           # steadier timings on a shared CPU
     python -m benchmarks --dry-run             # print the commands only
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -102,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     names = [b.name for b in BENCHMARKS]
     parser.add_argument("--only", nargs="+", choices=names, default=names, help="benchmarks to run")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads per benchmark (0: torch's default); 1 steadies timings on a shared machine",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = parser.parse_args(argv)
     chosen = [b for b in BENCHMARKS if b.name in args.only]
@@ -110,13 +118,16 @@ def main(argv: list[str] | None = None) -> int:
             print(b.shown())
         return 0
 
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     started = time.perf_counter()
     sections: list[str] = []
     failed: list[str] = []
     for b in chosen:
         print(f"[{b.name}] {b.shown()}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(b.command(), cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(b.command(), cwd=ROOT, capture_output=True, text=True, env=env)
         seconds = time.perf_counter() - t0
         body = proc.stdout.strip()
         if proc.returncode != 0:
@@ -127,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         print(body + "\n", flush=True)
 
     total = (time.perf_counter() - started) / 60
+    command = "python -m benchmarks" + (f" --threads {args.threads}" if args.threads else "")
     header = [
         "# Benchmark results",
         "",
-        f"Written by `python -m benchmarks` on {datetime.date.today().isoformat()} in {total:.0f} min.",
+        f"Written by `{command}` on {datetime.date.today().isoformat()} in {total:.0f} min.",
         "Every ratio compares variants timed in the same run, interleaved, median of the repetitions.",
         "",
         *describe_machine(),

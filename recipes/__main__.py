@@ -1,4 +1,4 @@
-"""Command line of the recipes: ``python -m recipes {list,run,compare,demo,depth-table}``.
+"""Command line of the recipes: ``python -m recipes {list,run,compare,demo,depth-table,corrupted}``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     python -m recipes compare lstm --seed 1
     python -m recipes demo
     python -m recipes depth-table --json
+    python -m recipes corrupted --seed 1
     tensorboard --logdir logs
 """
 
@@ -17,7 +18,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from recipes import runner
+from recipes import corrupted, runner
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -62,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_depth.add_argument("--steps", type=int, default=150, help="training steps K")
     p_depth.add_argument("--seed", type=int, default=0)
     p_depth.add_argument("--activations", default="sigmoid,relu", help="comma-separated activations")
+
+    p_bad = sub.add_parser(
+        "corrupted", help="one corrupted batch mid-run: clean vs corrupted vs corrupted + StabilityAutopilot"
+    )
+    p_bad.add_argument("--seed", type=int, default=0)
+    p_bad.add_argument("--step", type=int, default=corrupted.CORRUPT_STEP, help="step of the bad batch")
+    p_bad.add_argument("--max-steps", type=int, default=corrupted.MAX_STEPS, help="optimizer steps per run")
+    p_bad.add_argument("--input-scale", type=float, default=1e3, help="factor on the bad batch's inputs")
+    p_bad.add_argument("--log-dir", default="logs")
+    p_bad.add_argument("--json", action="store_true", help="print the results as JSON")
     return parser
 
 
@@ -107,6 +118,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "demo":
         runner.demo(seed=args.seed, log_dir=args.log_dir, max_steps=args.max_steps)
+        return 0
+    if args.command == "corrupted":
+        results = corrupted.corrupted_demo(
+            seed=args.seed,
+            step=args.step,
+            max_steps=args.max_steps,
+            input_scale=args.input_scale,
+            log_dir=args.log_dir,
+            progress=not args.json,
+            echo=not args.json,
+        )
+        if args.json:
+            print(json.dumps({name: r.summary() for name, r in results.items()}, indent=2))
         return 0
     rows = runner.depth_table(
         depths=[int(d) for d in args.depths.split(",")],

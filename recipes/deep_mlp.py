@@ -6,7 +6,8 @@ layers and stays near chance. The variants change one thing each: a non-saturati
 He initialisation (He et al. 2015), normalisation (Ioffe & Szegedy 2015; Ba et al. 2016), residual
 connections (He et al. 2016), highway layers (Srivastava et al. 2015), an initialisation chosen by
 :class:`~stability_callbacks.init.InitSwap` or LSUV (Mishkin & Matas 2015), adaptive optimizers, warm-up,
-weight averaging and regularisation.
+weight averaging and regularisation; ``autopilot`` leaves the baseline as it is and lets
+:class:`~stability_callbacks.autopilot.StabilityAutopilot` find the vanishing gradients and re-initialise.
 
 Run one variant with ``python -m recipes run deep_mlp --variant sigmoid`` or all with
 ``python -m recipes compare deep_mlp``; as a LightningCLI script::
@@ -198,6 +199,14 @@ def _initswap(**kwargs: Any) -> list[Callback]:
     return [InitSwap(**kwargs)]
 
 
+def _autopilot() -> list[Callback]:
+    from stability_callbacks import StabilityAutopilot
+
+    # Xavier with the sigmoid's gain of 1 ("auto") leaves a 30-layer sigmoid stack vanishing; centred
+    # LSUV gives every layer unit-variance, zero-mean pre-activations and so brings it back.
+    return [StabilityAutopilot(reinit_scheme="lsuv", verbose=False)]
+
+
 def _ema() -> list[Callback]:
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
@@ -238,6 +247,13 @@ VARIANTS: dict[str, Variant] = {
             {"optimizer": "adam", "lr": 1e-3},
         ),
         Variant("rmsprop", "sigmoid net trained with RMSprop", {"optimizer": "rmsprop", "lr": 1e-3}),
+        Variant(
+            "autopilot",
+            "sigmoid baseline with StabilityAutopilot(reinit_scheme='lsuv'): re-initialised by centred LSUV "
+            "once vanishing is flagged (Xavier gain 1, 'auto', leaves 30 sigmoid layers vanishing)",
+            {},
+            _autopilot,
+        ),
         Variant(
             "warmup",
             "relu_he at twice the learning rate (0.01) with a 100-step linear warm-up",

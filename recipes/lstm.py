@@ -99,6 +99,12 @@ def _initswap() -> list[Callback]:
     return [InitSwap(scheme="auto", when="fit_start", verbose=False)]
 
 
+def _autopilot() -> list[Callback]:
+    from stability_callbacks import StabilityAutopilot
+
+    return [StabilityAutopilot(verbose=False)]
+
+
 EXPLODING = {"cell": "rnn", "recurrent_init_scale": 3.0, "optimizer": "sgd", "lr": 0.03, "momentum": 0.0}
 
 VARIANTS: dict[str, Variant] = {
@@ -127,6 +133,13 @@ VARIANTS: dict[str, Variant] = {
             "rnn_exploding with ZClip (z-score spike clipping, norm capped at 5)",
             dict(EXPLODING),
             lambda: _clip("z"),
+        ),
+        Variant(
+            "autopilot",
+            "rnn_exploding with StabilityAutopilot (defaults: InitSwap('auto') if gradients vanish early, "
+            "ZClip, non-finite steps skipped, rollback on loss spikes)",
+            dict(EXPLODING),
+            _autopilot,
         ),
         Variant("lstm", "LSTM (gated memory cell), default init", {"cell": "lstm"}),
         Variant("gru", "GRU, default init", {"cell": "gru"}),

@@ -8,7 +8,8 @@ network in the spirit of Brock et al. 2021 (weight-standardised convolutions, sc
 branches that start at zero), the setting adaptive gradient clipping (AGC) was designed for.
 ``backbone="resnet18"`` uses torchvision's resnet18 (3x3 stem, no max-pool) instead.
 
-Variants: ``plain``, ``residual``, ``plain_initswap`` and ``nf_agc``. As a LightningCLI script::
+Variants: ``plain``, ``residual``, ``plain_initswap``, ``autopilot`` (the plain net with
+:class:`~stability_callbacks.autopilot.StabilityAutopilot`) and ``nf_agc``. As a LightningCLI script::
 
     python -m recipes.resnet fit --config recipes/configs/resnet_plain.yaml
 """
@@ -215,6 +216,12 @@ def _initswap() -> list[Callback]:
     return [InitSwap(scheme="auto", when="fit_start", verbose=False)]
 
 
+def _autopilot() -> list[Callback]:
+    from stability_callbacks import StabilityAutopilot
+
+    return [StabilityAutopilot(verbose=False)]
+
+
 def _agc() -> list[Callback]:
     from stability_callbacks.clipping import AGC
 
@@ -235,6 +242,13 @@ VARIANTS: dict[str, Variant] = {
             "plain net re-initialised by InitSwap('auto') at fit start",
             {"plain": True},
             _initswap,
+        ),
+        Variant(
+            "autopilot",
+            "plain net with StabilityAutopilot (defaults): it finds no vanishing, exploding or spiking "
+            "gradients to act on, so the missing shortcuts stay a problem it does not fix",
+            {"plain": True},
+            _autopilot,
         ),
         Variant(
             "nf_agc",

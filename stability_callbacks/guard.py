@@ -162,7 +162,9 @@ class NonFiniteGuard(StabilityCallback):
         counts = nonfinite_counts([p.grad for p in with_grad]).tolist()
         names = {id(p): n for n, p in pl_module.named_parameters()}
         bad = [(names.get(id(p), "?"), c) for p, c in zip(with_grad, counts, strict=True) if c]
-        if not bad:
+        if not bad:  # every value here is finite: the norm overflowed, or another rank's gradients are bad
+            if bool(torch.isfinite(total_grad_norm([p.grad for p in with_grad]))):  # type: ignore[misc]
+                return "no non-finite gradient on this rank: another rank's gradients were not finite"
             return "the total norm overflowed"
         shown = ", ".join(f"{n}: {c}" for n, c in bad[:limit])
         more = f" and {len(bad) - limit} more" if len(bad) > limit else ""

@@ -339,6 +339,9 @@ def test_halt_stops_every_rank_with_the_same_exception(
     if scenario == "halt":  # the same gradients on both ranks: the same message
         assert r0["error"][1] == r1["error"][1]
         assert "net.2.weight: 1" in r0["error"][1]
+    else:  # each rank says what it saw
+        assert "net.2.weight: 1" in r1["error"][1]
+        assert "another rank's gradients were not finite" in r0["error"][1]
     assert r0["global_step"] == r1["global_step"] == step
     assert torch.equal(r0["weights"], r1["weights"]) and torch.isfinite(r0["weights"]).all()
     assert torch.equal(r0["weights"], r0["weights_at"][step])  # halted before the step

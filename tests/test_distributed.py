@@ -9,7 +9,8 @@ For each callback one 2-rank fit of 8 steps checks, on both ranks:
   the parameter), reaches both ranks through the all-reduce: both see it (the monitor's diagnosis, the
   clippers' "non-finite, left alone" counter) and both skip the step (the guard, which runs after them);
   the guard is also shown a NaN that only rank 1 has (written into its gradient after the all-reduce),
-  and both ranks still skip, because the guard sums its flag across ranks. With ``action="halt"`` both
+  and both ranks still skip, because the guard sums its flag across ranks; with the guard first (the
+  documented order) that step never reaches the clippers on either rank. With ``action="halt"`` both
   ranks raise the same exception at the same step, and nothing hangs;
 - the checkpoint written by the 2-rank run resumes in a 1-process run in this process (world size
   2 -> 1), which starts from exactly the callbacks' saved state and carries on counting from it.
@@ -80,6 +81,7 @@ SCENARIOS = [
     "NormClip",
     "ValueClip",
     "NonFiniteGuard",
+    "guard_then_clippers",
     "halt",
     "halt_one_rank",
 ]
@@ -93,14 +95,19 @@ def make_callbacks(scenario: str) -> list[Callback]:
         return [NonFiniteGuard("halt")]
     if scenario == "NonFiniteGuard":
         return [NonFiniteGuard()]
-    under_test: Callback = {
-        "GradientMonitor": lambda: GradientMonitor(),
-        "HistogramLogger": lambda: HistogramLogger(every_n_steps=1, figure_every_n_steps=0),
+    clippers = {
         "AutoClip": lambda: AutoClip(),
         "ZClip": lambda: ZClip(warmup_steps=2, z_thresh=0.5),
         "AGC": lambda: AGC(),
         "NormClip": lambda: NormClip(max_norm=0.3),
         "ValueClip": lambda: ValueClip(max_value=0.01),
+    }
+    if scenario == "guard_then_clippers":  # the documented order: the guard first
+        return [NonFiniteGuard(), *(make() for make in clippers.values())]
+    under_test: Callback = {
+        "GradientMonitor": lambda: GradientMonitor(),
+        "HistogramLogger": lambda: HistogramLogger(every_n_steps=1, figure_every_n_steps=0),
+        **clippers,
     }[scenario]()
     return [under_test, NonFiniteGuard()]
 
@@ -109,7 +116,7 @@ def fault_steps(scenario: str) -> tuple[int | None, int | None]:
     """(step of the NaN every rank sees, step of the NaN only rank 1 sees)."""
     if scenario == "halt_one_rank":
         return None, OWN_NAN_STEP
-    if scenario == "NonFiniteGuard":
+    if scenario in ("NonFiniteGuard", "guard_then_clippers"):
         return SHARED_NAN_STEP, OWN_NAN_STEP
     return SHARED_NAN_STEP, None
 
@@ -325,6 +332,22 @@ def test_rank_zero_alone_writes_the_logs(ranks: tuple[Path, list[dict[str, Any]]
         assert scalars(acc, "grad_health/nonfinite") == {i: float(i == SHARED_NAN_STEP) for i in range(STEPS)}
     if scenario in CLIPPERS:
         assert [i for i, v in values.items() if not math.isfinite(v)] == [SHARED_NAN_STEP]
+
+
+def test_guard_first_keeps_a_nan_of_one_rank_away_from_every_clipper(
+    ranks: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """In the documented order (the guard first) a NaN that only rank 1 has, after the all-reduce, is
+    dropped on both ranks before any clipper sees it: the clippers' statistics stay identical."""
+    r0, r1 = _both(ranks, "guard_then_clippers")
+    assert r0["error"] is None and r1["error"] is None, (r0["error"], r1["error"])
+    assert torch.equal(r0["weights"], r1["weights"]) and torch.isfinite(r0["weights"]).all()
+    assert_same_state(r0["states"], r1["states"])
+    assert [s["NonFiniteGuard"]["skipped"] for s in r0["states"]] == [0, 0, 0, 1, 1, 2, 2, 2]
+    for name in CLIPPERS:
+        assert r0["final_state"][name]["steps"] == STEPS - 2  # the skipped steps never reached it
+        assert r0["final_state"][name]["skipped"] == 0
+    assert r0["final_state"]["AutoClip"]["clipped"] > 0  # they did act on the other steps
 
 
 @pytest.mark.parametrize("scenario", ["halt", "halt_one_rank"])

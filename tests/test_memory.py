@@ -5,8 +5,8 @@ Step 0 warms up (imports, caches, the event writer); two later logging steps are
 the callbacks' own hooks only (``on_train_batch_start``, ``on_before_optimizer_step``,
 ``on_train_batch_end``, wrapped on the instances), so Lightning's own per-step work is not counted:
 
-1. **Host memory allocated by Python** (:mod:`tracemalloc`, started right before each hook call and
-   stopped after it): the peak of what the hook allocates, including what it leaves behind (events
+1. **Host memory allocated by Python** (:mod:`tracemalloc`, started right before each hook call,
+   peak reset, stopped after it): the peak of what the hook allocates, including what it leaves behind (events
    queued for the writer). tracemalloc sees every allocation made through Python's allocators: Python
    objects (lists of floats, dicts, strings, protobuf messages built in Python) and NumPy arrays (NumPy
    reports its data buffers to tracemalloc). It does **not** see torch's own allocator: tensors created
@@ -165,12 +165,17 @@ class Measured:
         def measured(trainer: pl.Trainer, *args: Any) -> Any:
             if trainer.global_step == TRACED_STEP:
                 self.calls += 1
-                tracemalloc.start()
+                already = tracemalloc.is_tracing()  # e.g. under PYTHONTRACEMALLOC
+                if not already:
+                    tracemalloc.start()
+                base = tracemalloc.get_traced_memory()[0]
+                tracemalloc.reset_peak()
                 try:
                     return original(trainer, *args)
                 finally:
-                    _, peak = tracemalloc.get_traced_memory()
-                    tracemalloc.stop()
+                    peak = tracemalloc.get_traced_memory()[1] - base
+                    if not already:
+                        tracemalloc.stop()
                     self.peaks.append((f"{owner}.{hook}", peak))
             if trainer.global_step == SPIED_STEP:
                 self.transfers.active = True

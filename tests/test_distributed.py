@@ -183,7 +183,7 @@ class Recorder(Callback):
         self.states.append({name: cb.state_dict() for name, cb in ours(trainer).items()})
 
 
-def _run_scenario(scenario: str, rank: int, out: Path) -> dict[str, Any]:
+def _run_scenario(scenario: str, out: Path) -> dict[str, Any]:
     shared, own = fault_steps(scenario)
     callbacks = make_callbacks(scenario)
     recorder = Recorder()
@@ -221,7 +221,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results: dict[str, Any] = {"pid": os.getpid()}
     for scenario in SCENARIOS:
         try:
-            results[scenario] = _run_scenario(scenario, rank, Path(out))
+            results[scenario] = _run_scenario(scenario, Path(out))
         except Exception:
             results[scenario] = {"error": ["unexpected", traceback.format_exc()]}
         torch.save(results, Path(out) / f"rank{rank}.pt")

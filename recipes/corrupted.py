@@ -47,8 +47,9 @@ class CorruptBatch(Callback):
     At ``trainer.global_step == step`` (every micro-batch of that optimizer step under gradient
     accumulation) the batch ``(inputs, targets)`` is changed in place: the targets are scrambled by a
     random permutation across the batch (seeded), and the inputs are multiplied by ``input_scale``. The
-    tensors changed are the collated batch, not the data set, so only this step sees the corruption; the
-    model and the data module are untouched.
+    tensors changed are the batch the data loader collated (with the recipes' loaders a fresh copy, not
+    a view of the data set), so only this step sees the corruption; the model and the data module are
+    untouched.
 
     Args:
         step: the optimizer step whose batch is corrupted (>= 0).

@@ -22,10 +22,13 @@ from tensorboard.util import tensor_util
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
+from stability_callbacks import histograms as histograms_module
 from stability_callbacks.histograms import (
     Histogram,
     HistogramLogger,
     _bucket_counts,
+    _cpu_rows,
+    _device_rows,
     grad_flow_image,
     grad_flow_stats,
     histogram_stats,
@@ -34,6 +37,20 @@ from stability_callbacks.histograms import (
     write_histograms,
 )
 from stability_callbacks.stats import LayerIndex
+
+
+def use_device_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bin CPU tensors the way accelerators do: sync-free, without reading anything on the host."""
+    monkeypatch.setattr(histograms_module, "_rows", _device_rows)
+
+
+@pytest.fixture(autouse=True, params=["cpu path", "device path"])
+def binning(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with both ways of binning: the host-guided CPU path and the accelerators' one."""
+    if request.param == "device path":
+        use_device_path(monkeypatch)
+    return str(request.param)
+
 
 # -- layer 1: known answers --------------------------------------------------------------------------
 
@@ -167,7 +184,31 @@ def test_histc_path_counts_like_bincount() -> None:
     assert torch.equal(by_histc.long(), expected)
 
 
-def test_one_host_transfer_for_many_tensors() -> None:
+def test_cpu_path_equals_device_path() -> None:
+    torch.manual_seed(0)
+    tensors = [
+        torch.randn(300_000),  # two chunks
+        torch.randn(40, 50).to(torch.bfloat16),
+        torch.randn(1000).half(),
+        torch.randn(1000, dtype=torch.float64) * 1e5,
+        torch.randint(-5, 6, (777,)),
+        1e6 + torch.rand(5000),  # narrow range far from zero
+        torch.full((9,), -2.5),  # constant
+        torch.tensor([1.0]),
+        torch.tensor([-3e38, 3e38]),  # range overflows float32
+        torch.tensor([1e30, -2e30, 5.0]),  # sum of squares overflows float32
+        torch.tensor([float("nan"), 1.0, float("-inf"), 4.0]),
+        torch.zeros(1000).exponential_().pow(8),  # long tail
+    ]
+    for bins in (1, 7, 64, 8191):
+        cpu, device = _cpu_rows(tensors, bins), _device_rows(tensors, bins, torch.device("cpu"))
+        assert cpu.dtype == device.dtype == torch.float64
+        torch.testing.assert_close(cpu, device, rtol=1e-12, atol=0.0)
+        assert torch.equal(cpu[:, 7:], device[:, 7:])  # the bucket counts: exactly
+
+
+def test_one_host_transfer_for_many_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_device_path(monkeypatch)  # on the CPU itself, reading a scalar on the host costs no sync
     tensors = [torch.randn(50, 20) for _ in range(40)] + [torch.tensor([float("nan"), 1.0])]
     with count_host_syncs() as counter:
         counter.active = True
@@ -360,7 +401,8 @@ def test_hooks_only_on_the_first_micro_batch_of_logging_steps(tmp_path: Path) ->
     assert histograms(acc, "activations/net.1")[1].num == 16 * 16  # one micro-batch of 16 x width 16
 
 
-def test_no_host_sync_on_steps_that_do_not_log(tmp_path: Path) -> None:
+def test_no_host_sync_on_steps_that_do_not_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_device_path(monkeypatch)  # on the CPU itself, reading a scalar on the host costs no sync
     every = 3
 
     class Window(Callback):

@@ -49,7 +49,7 @@ from stability_callbacks._trainer import (
     optimizer_params,
     tensorboard_writer,
 )
-from stability_callbacks.stats import LayerIndex, tensor_norms
+from stability_callbacks.stats import LayerIndex, host_reads_are_free, tensor_norms
 
 __all__ = [
     "Histogram",
@@ -168,9 +168,9 @@ def histogram_stats(
 
 def _rows(values: list[Tensor], bins: int, device: torch.device) -> Tensor:
     """Rows of :func:`histogram_stats` for non-empty tensors on ``device``: the host path on CPU."""
-    if device.type != "cpu":
-        return _device_rows(values, bins, device)
-    return _cpu_rows(values, bins)
+    if host_reads_are_free(device):
+        return _cpu_rows(values, bins)
+    return _device_rows(values, bins, device)
 
 
 def _as_float32(x: float) -> float:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from stability_callbacks import stats as stats_module
 from stability_callbacks._trainer import forward_order
 from stability_callbacks.stats import (
     LayerIndex,
@@ -77,7 +78,32 @@ def test_mixed_dtypes_keep_input_order() -> None:
     assert tensor_norms(tensors).tolist() == pytest.approx([4.0, 3.0, 7.0])
 
 
-def test_huge_finite_values_do_not_overflow() -> None:
+@pytest.fixture(params=["cpu path", "device path"])
+def norm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The CPU's float32-then-float64 path, and the accelerators' float64 path run on the CPU."""
+    if request.param == "device path":
+        monkeypatch.setattr(stats_module, "CPU_READS_ARE_FREE", False)
+    return str(request.param)
+
+
+def test_cpu_norms_equal_float64_norms() -> None:
+    torch.manual_seed(0)
+    tensors = [
+        torch.randn(1000),
+        torch.full((10,), 1e20),  # float32 sum of squares overflows: redone in float64
+        torch.tensor([1.0, float("nan")]),
+        torch.tensor([float("inf"), 1.0]),
+        torch.randn(50).half() * 1000,
+        torch.randn(50).bfloat16(),
+    ]
+    for norm_type in (1.0, 2.0):
+        fast = tensor_norms(tensors, norm_type)
+        expected = torch.stack([torch.linalg.vector_norm(t.double(), norm_type).float() for t in tensors])
+        torch.testing.assert_close(fast, expected, rtol=1e-5, atol=0.0, equal_nan=True)
+        assert torch.isfinite(fast[:2]).all() and not torch.isfinite(fast[2:4]).any()
+
+
+def test_huge_finite_values_do_not_overflow(norm_path: str) -> None:
     g = torch.full((1000,), 1e20)
     norm = tensor_norms([g])[0].item()
     assert math.isfinite(norm)

@@ -66,17 +66,46 @@ def loader(shape: tuple[int, ...], batch_size: int, steps: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
+# The hooks where gradient work happens: every callback's and the LightningModule's
+# ``on_before_optimizer_step``, and the LightningModule's ``configure_gradient_clipping`` (where
+# ``Trainer(gradient_clip_val=...)`` clips).
+CLOCKED_HOOKS = ("on_before_optimizer_step", "configure_gradient_clipping")
+
+
 class StepTimer(Callback):
-    """Wall time of the training steps after ``warmup`` steps (batch start to batch end, synchronised)."""
+    """Wall time of the training steps after ``warmup`` steps (batch start to batch end, synchronised),
+    and of the gradient hooks within each step (see :meth:`clock`)."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.times: list[float] = []
+        self.hook_times: list[float] = []
         self._t0 = 0.0
+        self._in_hooks = 0.0
+
+    def clock(self, obj: Any) -> None:
+        """Time ``obj``'s gradient hooks (those of :data:`CLOCKED_HOOKS` it has) from now on."""
+        for name in CLOCKED_HOOKS:
+            inner = getattr(obj, name, None)
+            if inner is None:
+                continue
+
+            def timed(*args: Any, _inner: Callable[..., Any] = inner, **kwargs: Any) -> Any:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = _inner(*args, **kwargs)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self._in_hooks += time.perf_counter() - t0
+                return out
+
+            setattr(obj, name, timed)
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        self._in_hooks = 0.0
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -84,6 +113,7 @@ class StepTimer(Callback):
             torch.cuda.synchronize()
         if trainer.global_step > self.warmup:
             self.times.append(time.perf_counter() - self._t0)
+            self.hook_times.append(self._in_hooks)
 
 
 def time_fit(
@@ -95,10 +125,29 @@ def time_fit(
     warmup: int = 5,
 ) -> float:
     """Mean step time (seconds) of a fresh fit of ``steps`` steps after ``warmup``, TensorBoard logging."""
+    return time_fit_and_hooks(model_name, callbacks, steps, module_cls, trainer_kwargs, warmup)[0]
+
+
+def time_fit_and_hooks(
+    model_name: str,
+    callbacks: list[Callback],
+    steps: int,
+    module_cls: type[Classifier] = Classifier,
+    trainer_kwargs: dict[str, Any] | None = None,
+    warmup: int = 5,
+) -> tuple[float, float]:
+    """Mean step time and mean time in the gradient hooks per step (seconds), as :func:`time_fit`.
+
+    The hook time is what the gradient work itself costs (the callbacks' ``on_before_optimizer_step``,
+    the module's, and Lightning's ``gradient_clip_val`` clipping), measured without the noise of the
+    rest of the step; the difference between two variants' hook times is their difference in cost.
+    """
     factory, shape, batch_size = MODELS[model_name]
     torch.manual_seed(0)
     module = module_cls(factory())
     timer = StepTimer(warmup)
+    for obj in (module, *callbacks):
+        timer.clock(obj)
     with tempfile.TemporaryDirectory() as tmp:
         kwargs: dict[str, Any] = dict(
             accelerator="auto",
@@ -114,27 +163,39 @@ def time_fit(
         )
         kwargs.update(trainer_kwargs or {})
         pl.Trainer(**kwargs).fit(module, loader(shape, batch_size, steps))
-    return sum(timer.times) / len(timer.times)
+    return sum(timer.times) / len(timer.times), sum(timer.hook_times) / len(timer.hook_times)
 
 
 def run_table(
-    variants: dict[str, Callable[[str, int], float]],
+    variants: dict[str, Callable[[str, int], float | tuple[float, float]]],
     models: list[str],
     steps: dict[str, int],
     repeats: int,
     baseline: str = "bare",
 ) -> list[dict[str, Any]]:
-    """Time every variant on every model ``repeats`` times, interleaved; median step times and ratios."""
+    """Time every variant on every model ``repeats`` times, interleaved; median step times and ratios.
+
+    A variant returns its mean step time, or (from :func:`time_fit_and_hooks`) its mean step time and
+    mean hook time; the rows then also hold ``hook_ms``.
+    """
     rows: list[dict[str, Any]] = []
     for model in models:
         samples: dict[str, list[float]] = {name: [] for name in variants}
+        hooks: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(repeats):
             for name, run in variants.items():
-                samples[name].append(run(model, steps[model]))
+                result = run(model, steps[model])
+                step, hook = result if isinstance(result, tuple) else (result, None)
+                samples[name].append(step)
+                if hook is not None:
+                    hooks[name].append(hook)
         base = statistics.median(samples[baseline])
         for name in variants:
             med = statistics.median(samples[name])
-            rows.append({"model": model, "variant": name, "step_ms": med * 1e3, "ratio": med / base})
+            row = {"model": model, "variant": name, "step_ms": med * 1e3, "ratio": med / base}
+            if hooks[name]:
+                row["hook_ms"] = statistics.median(hooks[name]) * 1e3
+            rows.append(row)
     return rows
 
 

@@ -7,6 +7,12 @@ The snippet is Lightning's own recipe for gradient norms::
 
 Run: ``python benchmarks/monitor_overhead.py [--repeats 3] [--steps-resnet 60] [--steps-mlp 200]``.
 Prints a markdown table of median step times and ratios to the bare fit, all measured in one run.
+
+Whole-step times on a shared CPU vary by several per cent between fits, so each fit also times the
+gradient hooks alone (``hook_ms``: the monitor's or the snippet's ``on_before_optimizer_step``, mean
+per step, logging steps included), and ``hooks_ratio`` is the step-time ratio to the bare fit they
+imply: ``(bare + hook) / bare``. (The snippet's values are written by Lightning after the hook, every
+``log_every_n_steps``; the monitor writes its own within the hook, so its hook time includes writing.)
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from _common import Classifier, machine, markdown, run_table, time_fit
+from _common import Classifier, machine, markdown, run_table, time_fit_and_hooks
 from lightning.pytorch.utilities import grad_norm
 
 from stability_callbacks import GradientMonitor
@@ -34,15 +40,26 @@ def main() -> None:
     args = parser.parse_args()
 
     variants = {
-        "bare": lambda m, s: time_fit(m, [], s),
-        "GradientMonitor every 50": lambda m, s: time_fit(m, [GradientMonitor(log_every_n_steps=50)], s),
-        "GradientMonitor every step": lambda m, s: time_fit(m, [GradientMonitor(log_every_n_steps=1)], s),
-        "Lightning grad_norm snippet": lambda m, s: time_fit(m, [], s, module_cls=SnippetClassifier),
+        "bare": lambda m, s: time_fit_and_hooks(m, [], s),
+        "GradientMonitor every 50": lambda m, s: time_fit_and_hooks(
+            m, [GradientMonitor(log_every_n_steps=50)], s
+        ),
+        "GradientMonitor every step": lambda m, s: time_fit_and_hooks(
+            m, [GradientMonitor(log_every_n_steps=1)], s
+        ),
+        "Lightning grad_norm snippet": lambda m, s: time_fit_and_hooks(
+            m, [], s, module_cls=SnippetClassifier
+        ),
     }
     steps = {"resnet18": args.steps_resnet, "mlp300": args.steps_mlp}
     rows = run_table(variants, args.models, steps, args.repeats)
+    for model in args.models:
+        mine = [r for r in rows if r["model"] == model]
+        bare = next(r for r in mine if r["variant"] == "bare")
+        for r in mine:
+            r["hooks_ratio"] = (bare["step_ms"] - bare["hook_ms"] + r["hook_ms"]) / bare["step_ms"]
     print(f"GradientMonitor overhead on {machine()}, median of {args.repeats} repetitions\n")
-    print(markdown(rows))
+    print(markdown(rows, extra=["hook_ms", "hooks_ratio"]))
 
 
 if __name__ == "__main__":

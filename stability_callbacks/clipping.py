@@ -65,7 +65,7 @@ from stability_callbacks._trainer import (
     log_scalars,
     optimizer_params,
 )
-from stability_callbacks.stats import total_norm
+from stability_callbacks.stats import host_reads_are_free, tensor_norms, total_norm
 
 __all__ = [
     "AGC",
@@ -97,8 +97,10 @@ _CLIP_EPS = 1e-6  # the epsilon of torch.nn.utils.clip_grad_norm_, zclip and aut
 
 
 def default_accumulate_dtype(device: torch.device) -> torch.dtype:
-    """The accumulation dtype of gradient norms on ``device``: float32 on CPU (float64 there is several
-    times slower), float64 on CUDA and other devices that support it, float32 elsewhere."""
+    """The accumulation dtype of gradient norms on ``device`` when nothing may be read on the host:
+    float32 on CPU (float64 there is several times slower), float64 on CUDA and other devices that
+    support it, float32 elsewhere. (On the CPU itself :func:`total_grad_norm` accumulates in float32
+    and redoes in float64 the tensors whose norm overflowed.)"""
     if device.type == "cpu" or device.type in _NO_FLOAT64:
         return torch.float32
     return torch.float64
@@ -117,12 +119,17 @@ def total_grad_norm(grads: Sequence[Tensor], accumulate_dtype: torch.dtype | Non
     Args:
         grads: the gradients (dense or sparse; no ``None``).
         accumulate_dtype: accumulation dtype of the per-tensor norms; ``None`` picks
-            :func:`default_accumulate_dtype` of each tensor's device.
+            :func:`default_accumulate_dtype` of each tensor's device, except on the CPU itself, where
+            reading a value costs no sync: there the norms accumulate in float32 and the tensors whose
+            norm overflowed are redone in float64 (see :func:`~stability_callbacks.stats.tensor_norms`).
     """
     grads = list(grads)
     if not grads:
         return torch.zeros(())
     out_device = grads[0].device
+    if accumulate_dtype is None and all(host_reads_are_free(g.device) for g in grads):
+        per_tensor = tensor_norms(grads)  # float32, with the tensors whose norm overflowed in float64
+        return torch.linalg.vector_norm(per_tensor.to(torch.float64)).float()
     if any(g.is_sparse for g in grads):
         acc = accumulate_dtype or default_accumulate_dtype(out_device)
         return total_norm(grads, 2.0, accumulate_dtype=acc)

@@ -460,3 +460,14 @@ def test_exploding_rnn_is_kept_finite_by_adaptive_clipping(tmp_path: Path, facto
     make_trainer(tmp_path, max_epochs=5, callbacks=callbacks).fit(model, _sum_task())
     finite = all(torch.isfinite(p).all() for p in model.parameters())
     assert finite == (factory is not None)
+
+
+def test_huge_finite_gradients_are_clipped_not_skipped_on_cpu() -> None:
+    # 1e20 overflows a float32 sum of squares; on the CPU the overflowed tensor is redone in float64.
+    grads = [torch.full((1000,), 1e20), torch.ones(3)]
+    expected = math.sqrt(1000 * 1e40 + 3)
+    assert total_grad_norm(grads).item() == pytest.approx(expected, rel=1e-6)
+    decision = clip_grad_norm_to(grads, 1.0)
+    assert bool(decision.finite) and decision.norm_pre.item() == pytest.approx(expected, rel=1e-6)
+    assert total_grad_norm(grads).item() == pytest.approx(1.0, rel=1e-5)
+    assert grads[1][0].item() == pytest.approx(1.0 / expected, rel=1e-5)

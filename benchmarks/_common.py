@@ -66,15 +66,22 @@ def loader(shape: tuple[int, ...], batch_size: int, steps: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
-# The hooks where gradient work happens: every callback's and the LightningModule's
-# ``on_before_optimizer_step``, and the LightningModule's ``configure_gradient_clipping`` (where
-# ``Trainer(gradient_clip_val=...)`` clips).
-CLOCKED_HOOKS = ("on_before_optimizer_step", "configure_gradient_clipping")
+# The per-step hooks of callbacks and of the LightningModule where the work under test happens
+# (``configure_gradient_clipping`` is where ``Trainer(gradient_clip_val=...)`` clips).
+CLOCKED_HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "configure_gradient_clipping",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+)
 
 
 class StepTimer(Callback):
     """Wall time of the training steps after ``warmup`` steps (batch start to batch end, synchronised),
-    and of the gradient hooks within each step (see :meth:`clock`)."""
+    and of the clocked hooks of each step (see :meth:`clock`; put this timer last among the callbacks)."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
@@ -84,7 +91,7 @@ class StepTimer(Callback):
         self._in_hooks = 0.0
 
     def clock(self, obj: Any) -> None:
-        """Time ``obj``'s gradient hooks (those of :data:`CLOCKED_HOOKS` it has) from now on."""
+        """Time ``obj``'s per-step hooks (those of :data:`CLOCKED_HOOKS` it has) from now on."""
         for name in CLOCKED_HOOKS:
             inner = getattr(obj, name, None)
             if inner is None:
@@ -105,7 +112,6 @@ class StepTimer(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self._in_hooks = 0.0
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -114,6 +120,7 @@ class StepTimer(Callback):
         if trainer.global_step > self.warmup:
             self.times.append(time.perf_counter() - self._t0)
             self.hook_times.append(self._in_hooks)
+        self._in_hooks = 0.0  # the next step's hooks start with the callbacks' on_train_batch_start
 
 
 def time_fit(
@@ -136,11 +143,11 @@ def time_fit_and_hooks(
     trainer_kwargs: dict[str, Any] | None = None,
     warmup: int = 5,
 ) -> tuple[float, float]:
-    """Mean step time and mean time in the gradient hooks per step (seconds), as :func:`time_fit`.
+    """Mean step time and mean time per step in the callbacks' and the module's hooks (seconds).
 
-    The hook time is what the gradient work itself costs (the callbacks' ``on_before_optimizer_step``,
-    the module's, and Lightning's ``gradient_clip_val`` clipping), measured without the noise of the
-    rest of the step; the difference between two variants' hook times is their difference in cost.
+    The hook time is what the work under test costs (the callbacks' per-step hooks, the module's, and
+    Lightning's ``gradient_clip_val`` clipping), measured without the noise of the rest of the step,
+    which on a shared CPU varies between fits by more than a callback costs.
     """
     factory, shape, batch_size = MODELS[model_name]
     torch.manual_seed(0)
@@ -176,7 +183,8 @@ def run_table(
     """Time every variant on every model ``repeats`` times, interleaved; median step times and ratios.
 
     A variant returns its mean step time, or (from :func:`time_fit_and_hooks`) its mean step time and
-    mean hook time; the rows then also hold ``hook_ms``.
+    mean hook time; the rows then also hold ``hook_ms`` and ``hooks_ratio``, the ratio to the baseline
+    that the hook times imply: ``(baseline step - baseline hooks + hooks) / baseline step``.
     """
     rows: list[dict[str, Any]] = []
     for model in models:
@@ -190,11 +198,14 @@ def run_table(
                 if hook is not None:
                     hooks[name].append(hook)
         base = statistics.median(samples[baseline])
+        base_hooks = statistics.median(hooks[baseline]) if hooks[baseline] else None
         for name in variants:
             med = statistics.median(samples[name])
             row = {"model": model, "variant": name, "step_ms": med * 1e3, "ratio": med / base}
-            if hooks[name]:
-                row["hook_ms"] = statistics.median(hooks[name]) * 1e3
+            if hooks[name] and base_hooks is not None:
+                hook = statistics.median(hooks[name])
+                row["hook_ms"] = hook * 1e3
+                row["hooks_ratio"] = (base - base_hooks + hook) / base
             rows.append(row)
     return rows
 

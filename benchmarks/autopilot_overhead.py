@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from _common import MODELS, Classifier, machine, markdown, run_table, time_fit
+from _common import MODELS, Classifier, machine, markdown, run_table, time_fit_and_hooks
 
 from stability_callbacks import StabilityAutopilot, ZClip
 from stability_callbacks.autopilot import SnapshotRing
@@ -52,16 +52,16 @@ def main() -> None:
     args = parser.parse_args()
 
     variants = {
-        "bare": lambda m, s: time_fit(m, [], s),
-        "ZClip()": lambda m, s: time_fit(m, [ZClip()], s),
-        "StabilityAutopilot(snapshot_every_n_steps=100)": lambda m, s: time_fit(
+        "bare": lambda m, s: time_fit_and_hooks(m, [], s),
+        "ZClip()": lambda m, s: time_fit_and_hooks(m, [ZClip()], s),
+        "StabilityAutopilot(snapshot_every_n_steps=100)": lambda m, s: time_fit_and_hooks(
             m, [StabilityAutopilot(snapshot_every_n_steps=100, verbose=False)], s
         ),
     }
     steps = {"resnet18": args.steps_resnet, "mlp300": args.steps_mlp}
     rows = run_table(variants, args.models, steps, args.repeats)
     print(f"StabilityAutopilot overhead on {machine()}, median of {args.repeats} repetitions\n")
-    print(markdown(rows))
+    print(markdown(rows, extra=["hook_ms", "hooks_ratio"]))
     print("\n| model | snapshot on | ms per snapshot | MiB per snapshot |\n|---|---|---|---|")
     for model in args.models:
         for device in ("host", "device"):

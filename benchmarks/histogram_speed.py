@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MODELS, machine, run_table, time_fit
+from _common import MODELS, machine, run_table, time_fit_and_hooks
 
 from stability_callbacks.histograms import (
     _CHUNK_ACCELERATOR,
@@ -174,8 +174,8 @@ def histogram_step_table(reps: int, bins: int, device: torch.device) -> tuple[st
 
 def fit_table(reps: int, steps: int, every: int) -> str:
     variants = {
-        "bare": lambda model, n: time_fit(model, [], n),
-        f"HistogramLogger(every_n_steps={every})": lambda model, n: time_fit(
+        "bare": lambda model, n: time_fit_and_hooks(model, [], n),
+        f"HistogramLogger(every_n_steps={every})": lambda model, n: time_fit_and_hooks(
             model, [HistogramLogger(every_n_steps=every)], n
         ),
     }
@@ -184,11 +184,14 @@ def fit_table(reps: int, steps: int, every: int) -> str:
         f"fit overhead, resnet18 (batch 32, 3x32x32), {steps} timed steps (includes "
         f"{steps // every} histogram step(s); the default picture cadence is 5x that), median of {reps}",
         "",
-        "| model | variant | step_ms | ratio |",
-        "|---|---|---|---|",
+        "| model | variant | step_ms | ratio | hook_ms | hooks_ratio |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['variant']} | {r['step_ms']:.1f} | {r['ratio']:.3f}x |")
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['step_ms']:.1f} | {r['ratio']:.3f}x "
+            f"| {r['hook_ms']:.2f} | {r['hooks_ratio']:.3f}x |"
+        )
     return "\n".join(lines)
 
 

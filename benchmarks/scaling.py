@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from _common import MODELS, Classifier, machine, markdown, run_table, time_fit
+from _common import MODELS, Classifier, machine, markdown, run_table, time_fit_and_hooks
 from lightning.pytorch.utilities import grad_norm
 from torch import nn
 
@@ -65,14 +65,20 @@ def register(tensors: int, params: float) -> str:
 
 
 VARIANTS: dict[str, Callable[[str, int], float]] = {
-    "bare": lambda m, s: time_fit(m, [], s),
-    "GradientMonitor every 50": lambda m, s: time_fit(m, [GradientMonitor(log_every_n_steps=50)], s),
-    "GradientMonitor every step": lambda m, s: time_fit(m, [GradientMonitor(log_every_n_steps=1)], s),
-    "Lightning grad_norm snippet": lambda m, s: time_fit(m, [], s, module_cls=SnippetClassifier),
-    "gradient_clip_val=1.0": lambda m, s: time_fit(m, [], s, trainer_kwargs={"gradient_clip_val": 1.0}),
-    "ZClip()": lambda m, s: time_fit(m, [ZClip()], s),
-    "AGC()": lambda m, s: time_fit(m, [AGC()], s),
-    "NonFiniteGuard()": lambda m, s: time_fit(m, [NonFiniteGuard()], s),
+    "bare": lambda m, s: time_fit_and_hooks(m, [], s),
+    "GradientMonitor every 50": lambda m, s: time_fit_and_hooks(
+        m, [GradientMonitor(log_every_n_steps=50)], s
+    ),
+    "GradientMonitor every step": lambda m, s: time_fit_and_hooks(
+        m, [GradientMonitor(log_every_n_steps=1)], s
+    ),
+    "Lightning grad_norm snippet": lambda m, s: time_fit_and_hooks(m, [], s, module_cls=SnippetClassifier),
+    "gradient_clip_val=1.0": lambda m, s: time_fit_and_hooks(
+        m, [], s, trainer_kwargs={"gradient_clip_val": 1.0}
+    ),
+    "ZClip()": lambda m, s: time_fit_and_hooks(m, [ZClip()], s),
+    "AGC()": lambda m, s: time_fit_and_hooks(m, [AGC()], s),
+    "NonFiniteGuard()": lambda m, s: time_fit_and_hooks(m, [NonFiniteGuard()], s),
 }
 
 
@@ -94,7 +100,10 @@ def main() -> None:
     rows = run_table(variants, models, dict.fromkeys(models, args.steps), args.repeats)
     for title, family in families.items():
         print(f"### {title}\n")
-        print(markdown([r for m in family for r in rows if r["model"] == m]) + "\n")
+        print(
+            markdown([r for m in family for r in rows if r["model"] == m], extra=["hook_ms", "hooks_ratio"])
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

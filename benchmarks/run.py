@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             print(b.shown())
         return 0
 
+    machine = describe_machine()  # the commit measured is the one checked out when the run starts
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Written by `{command}` on {datetime.date.today().isoformat()} in {total:.0f} min.",
         "Every ratio compares variants timed in the same run, interleaved, median of the repetitions.",
         "",
-        *describe_machine(),
+        *machine,
         "",
     ]
     args.output.write_text("\n".join(header) + "\n" + "\n".join(sections))

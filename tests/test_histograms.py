@@ -15,6 +15,7 @@ import torch
 from conftest import MLPModule, count_host_syncs, make_loader, make_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins import MixedPrecision
 from tb_events import histograms, load_events, scalars
 from tensorboard import data_compat
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
@@ -517,3 +518,31 @@ def test_picture_cadence_defaults_to_every_fifth_histogram_step(tmp_path: Path) 
 def test_state_key_tells_instances_apart() -> None:
     assert HistogramLogger(bins=32).state_key != HistogramLogger(bins=64).state_key
     assert HistogramLogger().state_key == HistogramLogger().state_key
+
+
+def test_gradients_are_logged_as_the_optimizer_sees_them(tmp_path: Path) -> None:
+    """Once per optimizer step, the sum of the accumulated micro-batches, unscaled by the GradScaler."""
+
+    class Seen(Callback):
+        def __init__(self) -> None:
+            self.maxes: list[float] = []
+
+        def on_before_optimizer_step(
+            self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: Any
+        ) -> None:
+            self.maxes.append(float(pl_module.net[0].weight.grad.max()))  # type: ignore[index,union-attr]
+
+    seen = Seen()
+    cb = HistogramLogger(every_n_steps=1, weights=False, figure_every_n_steps=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4096.0)
+    log_dir = fit_tb(
+        tmp_path,
+        [cb, seen],
+        max_steps=2,
+        accumulate_grad_batches=2,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+    )
+    logged = histograms(load_events(log_dir), "grads/net.0.weight")
+    assert sorted(logged) == [0, 1]
+    assert [logged[step].max for step in (0, 1)] == pytest.approx(seen.maxes, rel=1e-6)
+    assert max(seen.maxes) < 100.0  # unscaled: the scaled gradients would be 4096 times larger

@@ -1,7 +1,7 @@
 """What the README's comparison table says of the peer packages, checked against the packages themselves.
 
-Each test runs the peer (zclip 1.0.0, autoclip, Lightning's ``gradient_clip_val``) and our counterpart
-on the same gradients and asserts the difference the table claims.
+Each test runs the peer (zclip 1.0.0, autoclip, Lightning's ``gradient_clip_val``, wandb.watch's hooks)
+and our counterpart on the same gradients and asserts the difference the table claims.
 """
 
 from __future__ import annotations
@@ -11,15 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
+import wandb
 from autoclip.torch import QuantileClip
-from conftest import MLPModule, make_loader, make_trainer
+from conftest import MLPModule, count_host_syncs, make_loader, make_trainer
 from torch import Tensor, nn
+from wandb.integration.torch.wandb_torch import TorchHistory
 from zclip import ZClip as ZClipRef
 from zclip import ZClipLightningCallback
 
 from stability_callbacks import NonFiniteGuard, ZClip
 from stability_callbacks.clipping import PercentilePolicy, ZScorePolicy, clip_grad_norm_to, total_grad_norm
+from stability_callbacks.histograms import tensor_histograms
 
 
 def _model() -> nn.Module:
@@ -135,3 +139,75 @@ def test_gradient_clip_val_lets_a_nan_step_into_the_weights_the_guard_does_not(t
     guarded = weights([NonFiniteGuard()])
     assert all(torch.isnan(w).all() for w in clipped)
     assert all(torch.isfinite(w).all() for w in guarded)
+
+
+# -- wandb.watch --------------------------------------------------------------------------------------
+# ``wandb.watch(model, log="all", log_freq=n)`` installs the hooks of ``run._torch``, a ``TorchHistory``:
+# the tests install the same hooks on a ``TorchHistory`` whose run only records what it is given.
+
+
+class _RecordingRun:
+    def __init__(self) -> None:
+        self.logged: list[dict[str, Any]] = []
+
+    def _log(self, data: dict[str, Any], commit: bool = False) -> None:
+        self.logged.append(data)
+
+
+@pytest.fixture
+def wandb_history(monkeypatch: pytest.MonkeyPatch) -> tuple[TorchHistory, _RecordingRun]:
+    run = _RecordingRun()
+    monkeypatch.setattr(wandb, "run", run)
+    return TorchHistory(), run
+
+
+def _logged_max(run: _RecordingRun, tag: str) -> list[float]:
+    return [float(entry[tag].bins[-1]) for entry in run.logged if tag in entry]
+
+
+def test_wandb_watch_logs_each_backward_and_scaled_amp_gradients(
+    wandb_history: tuple[TorchHistory, _RecordingRun],
+) -> None:
+    """wandb.watch's gradient hooks fire on every backward pass: under gradient accumulation they log
+    each micro-batch's gradient, never the sum the optimizer steps with; under a GradScaler they log
+    the scaled gradient (here 4096 times too large). HistogramLogger logs once per optimizer step, after
+    unscaling (``tests/test_histograms.py``, the test below)."""
+    history, run = wandb_history
+    model = _model()
+    history.add_log_gradients_hook(model, log_freq=1)
+    x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(0))
+    for micro in x:  # one optimizer step of three accumulated micro-batches
+        model(micro).square().mean().backward()
+    weight = model[0].weight  # type: ignore[index]
+    maxes = _logged_max(run, "gradients/0.weight")
+    assert len(maxes) == 3  # three histograms for one optimizer step
+    assert float(weight.grad.max()) not in maxes  # type: ignore[union-attr]
+
+    model.zero_grad()
+    run.logged.clear()
+    scaler = torch.amp.GradScaler("cpu", init_scale=4096.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler.scale(model(x[0]).square().mean()).backward()
+    scaler.unscale_(optimizer)
+    (logged,) = _logged_max(run, "gradients/0.weight")
+    assert logged == pytest.approx(4096.0 * float(weight.grad.max()), rel=1e-6)  # type: ignore[union-attr]
+
+
+def test_wandb_watch_drops_nonfinite_values_and_reads_each_tensor_on_the_host(
+    wandb_history: tuple[TorchHistory, _RecordingRun],
+) -> None:
+    """wandb.watch removes NaN and inf values from its histograms without counting them, and reads
+    every tensor on the host several times (a sync each on an accelerator). HistogramLogger counts the
+    non-finite values apart and makes one transfer for all tensors (``tests/test_histograms.py``)."""
+    history, run = wandb_history
+    grad = torch.tensor([1.0, float("nan"), 2.0, float("inf"), 3.0])
+    with count_host_syncs() as counter:
+        counter.active = True
+        history.log_tensor_stats(grad, "gradients/g")
+        counter.active = False
+    assert len(counter.calls) >= 3  # per tensor: the all-non-finite check, min, max
+    counts = run.logged[0]["gradients/g"].histogram
+    assert sum(counts) == 3  # the NaN and the inf are gone, and nothing records them
+    assert not any("nonfinite" in key or "nan" in key for key in run.logged[0])
+    ours = tensor_histograms([grad], bins=64)[0]
+    assert ours is not None and (ours.num, ours.nonfinite) == (3, 2)

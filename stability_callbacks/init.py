@@ -1182,7 +1182,8 @@ class InitSwap(StabilityCallback):
         vanishing_ratio, vanishing_norm: the vanishing rule of the diagnostician.
         lsuv_tol, lsuv_max_iters, lsuv_center: see :func:`lsuv_`.
         get_input: ``batch -> model input``; default: a tensor batch as is, else its first element.
-        verbose: print the report on rank zero.
+        verbose: say on rank zero what was changed and why (a warning when re-initialising mid-run,
+            then the report); ``False`` leaves that to the ``init/report`` text and ``init/reinit``.
 
     Logged keys:
 
@@ -1392,7 +1393,8 @@ class InitSwap(StabilityCallback):
             f"{trainer.global_step}); re-initialised the model with scheme {self.scheme!r}, cleared the "
             "optimizer state and dropped this step's gradients."
         )
-        rank_zero_warn(f"InitSwap: {what}", category=UserWarning)
+        if self.verbose:
+            rank_zero_warn(f"InitSwap: {what}", category=UserWarning)
         self._apply(trainer, pl_module, what)
         for opt in trainer.optimizers:
             opt.state.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,15 @@ def test_on_vanishing_reinitialises_a_deep_sigmoid_mlp_that_then_trains(tmp_path
     d = monitor.last_diagnosis
     assert d is not None and not d.vanishing and d.depth_ratio is not None and d.depth_ratio > 1e-3
     assert treated_loss < untreated_loss  # measured 0.90 vs 1.08
+
+
+def test_on_vanishing_without_verbose_acts_silently(tmp_path: Path) -> None:
+    swap = InitSwap(scheme="lsuv", when="on_vanishing", patience=3, watch_steps=10, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sigmoid_run(tmp_path, [swap])
+    assert swap.reinit_step == 2
+    assert not [w for w in caught if "InitSwap" in str(w.message)]
 
 
 def test_on_vanishing_resets_optimizer_state_and_drops_that_steps_gradients(tmp_path: Path) -> None:

@@ -76,7 +76,8 @@ class LossSpikeDetector:
     exponential moving averages with weight ``alpha`` on the past; a loss is a spike when
     ``(loss - mean) / max(std, rel_std_floor * |mean|) > threshold`` (only rises count).
     ``mode="ratio"``: the median of the last ``window`` accepted losses; a spike is
-    ``loss > threshold * median``.
+    ``loss > threshold * median``. In both modes a spike must also rise more than ``atol`` above the
+    mean (the median), so that a loss near zero does not turn harmless absolute wiggles into spikes.
 
     A non-finite loss is always a spike, also during warm-up; no spike is judged before ``warmup``
     losses were accepted; a spike never enters the statistics. Nothing here reads a value to the host.
@@ -89,6 +90,7 @@ class LossSpikeDetector:
         window: losses in the running median (``"ratio"``, >= 1).
         rel_std_floor: floor of the standard deviation relative to ``|mean|`` (>= 0), so a very smooth
             loss curve does not turn small wiggles into spikes (``"zscore"``).
+        atol: smallest rise above the mean (the median) that can be a spike (>= 0), in loss units.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class LossSpikeDetector:
         alpha: float = 0.98,
         window: int = 50,
         rel_std_floor: float = 0.05,
+        atol: float = 0.0,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
@@ -114,12 +117,15 @@ class LossSpikeDetector:
         _positive_int("window", window)
         if not (_number(rel_std_floor) and rel_std_floor >= 0):
             raise ValueError(f"`rel_std_floor` must be a number >= 0, got {rel_std_floor!r}")
+        if not (_number(atol) and atol >= 0):
+            raise ValueError(f"`atol` must be a number >= 0, got {atol!r}")
         self.mode = mode
         self.threshold = float(threshold)
         self.warmup = warmup
         self.alpha = float(alpha)
         self.window = window
         self.rel_std_floor = float(rel_std_floor)
+        self.atol = float(atol)
         self.count: Tensor | None = None  # accepted losses (float64, device)
         self.mean: Tensor | None = None
         self.var: Tensor | None = None
@@ -149,10 +155,10 @@ class LossSpikeDetector:
         xs = torch.where(finite, x, self.mean)  # a finite stand-in keeps NaN out of the arithmetic
         if self.mode == "zscore":
             std = torch.maximum(self.var.clamp_min(0).sqrt(), self.rel_std_floor * self.mean.abs())
-            high = (xs - self.mean) > self.threshold * std
+            high = (xs - self.mean) > torch.clamp_min(self.threshold * std, self.atol)
         else:
             median = torch.nanmedian(self.history)
-            high = xs > self.threshold * median
+            high = (xs > self.threshold * median) & (xs - median > self.atol)
         spike = ~finite | (ready & high)
         accept = ~spike
         # statistics update, masked by `accept`
@@ -431,7 +437,9 @@ class StabilityAutopilot(StabilityCallback):
         guard: skip optimizer steps with non-finite gradients.
         rollback: watch the loss and roll back on trouble.
         snapshot_every_n_steps, max_snapshots, snapshot_device: see :class:`SnapshotRing`.
-        spike_mode, spike_threshold, spike_warmup: see :class:`LossSpikeDetector`.
+        spike_mode, spike_threshold, spike_warmup, spike_atol: see :class:`LossSpikeDetector`
+            (``mode``, ``threshold``, ``warmup``, ``atol``); set ``spike_atol`` when the loss can come
+            close to zero.
         max_consecutive_skips: skipped steps in a row that trigger a rollback.
         lr_factor: learning-rate factor after a rollback, in (0, 1].
         cooldown_steps: optimizer steps the factor holds (>= 0).
@@ -469,6 +477,7 @@ class StabilityAutopilot(StabilityCallback):
         spike_mode: str = "zscore",
         spike_threshold: float | None = None,
         spike_warmup: int = 20,
+        spike_atol: float = 0.0,
         max_consecutive_skips: int = 3,
         lr_factor: float = 0.5,
         cooldown_steps: int = 100,
@@ -498,7 +507,7 @@ class StabilityAutopilot(StabilityCallback):
         if log_every_n_steps is not None:
             _positive_int("log_every_n_steps", log_every_n_steps)
         self.ring = SnapshotRing(snapshot_every_n_steps, max_snapshots, snapshot_device)
-        self.detector = LossSpikeDetector(spike_mode, spike_threshold, warmup=spike_warmup)
+        self.detector = LossSpikeDetector(spike_mode, spike_threshold, warmup=spike_warmup, atol=spike_atol)
         self.clipper_name = clipper if isinstance(clipper, str) or clipper is None else type(clipper).__name__
         self.children: dict[str, StabilityCallback] = {}
         if reinit:

@@ -197,6 +197,19 @@ def test_detector_ratio_known_values() -> None:
     assert bool(det.observe(torch.tensor(9.1)))  # > 3 * 3
 
 
+@pytest.mark.parametrize("mode", ["zscore", "ratio"])
+def test_detector_atol_ignores_small_rises_of_a_loss_near_zero(mode: str) -> None:
+    losses = [1e-4 * (1 + 0.01 * (i % 3)) for i in range(10)]
+    plain = LossSpikeDetector(mode, warmup=5)
+    tolerant = LossSpikeDetector(mode, warmup=5, atol=0.05)
+    for loss in losses:
+        assert not bool(plain.observe(torch.tensor(loss)))
+        assert not bool(tolerant.observe(torch.tensor(loss)))
+    assert bool(plain.observe(torch.tensor(0.01)))  # 100x the loss, but only 0.01 above it
+    assert not bool(tolerant.observe(torch.tensor(0.01)))
+    assert bool(tolerant.observe(torch.tensor(2.0)))  # a real spike
+
+
 def test_detector_state_round_trip() -> None:
     det = LossSpikeDetector("ratio", warmup=2, window=4)
     for v in [1.0, 2.0, 3.0]:
@@ -429,6 +442,7 @@ def test_children_act(tmp_path: Path) -> None:
         ({"max_rollbacks": -1}, "max_rollbacks"),
         ({"rollback": 1}, "rollback"),
         ({"log_every_n_steps": 0}, "log_every_n_steps"),
+        ({"spike_atol": -0.1}, "atol"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], name: str) -> None:

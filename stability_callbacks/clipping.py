@@ -905,12 +905,15 @@ class ValueClip(_ClipCallback):
             if p.grad is not None and p.grad.is_sparse and not p.grad.is_coalesced():
                 p.grad = p.grad.coalesce()
         grads = [p.grad for p in params]  # type: ignore[misc]
-        pre = total_grad_norm(grads) if self._logging_now else None
-        clip_grad_value_(grads, self.max_value)
         device = grads[0].device
-        if pre is None:  # counters only: no norm on a non-logging step
+        if not self._logging_now:  # counters only: the largest |value| says whether a value is clamped
+            peak = tensor_norms(grads, math.inf).max()
+            clip_grad_value_(grads, self.max_value)
+            finite = torch.isfinite(peak)
             zero = torch.zeros((), device=device)
-            return ClipDecision(zero, zero, zero, zero, zero, torch.ones((), dtype=torch.bool, device=device))
+            return ClipDecision(zero, zero, zero, zero, (finite & (peak > self.max_value)).float(), finite)
+        pre = total_grad_norm(grads)
+        clip_grad_value_(grads, self.max_value)
         post = total_grad_norm(grads)
         finite = torch.isfinite(pre)
         return ClipDecision(

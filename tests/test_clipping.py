@@ -471,3 +471,33 @@ def test_huge_finite_gradients_are_clipped_not_skipped_on_cpu() -> None:
     assert bool(decision.finite) and decision.norm_pre.item() == pytest.approx(expected, rel=1e-6)
     assert total_grad_norm(grads).item() == pytest.approx(1.0, rel=1e-5)
     assert grads[1][0].item() == pytest.approx(1.0 / expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_counters_count_every_step_not_only_logging_steps(tmp_path: Path, cls: type) -> None:
+    """``clipped_steps`` after a fit that never logs equals the sum of ``clip/clipped`` logged every step."""
+    kwargs = {
+        NormClip: {"max_norm": 0.5},
+        ValueClip: {"max_value": 0.05},
+        ZClip: {"warmup_steps": 3, "z_thresh": 0.1},
+    }.get(cls, {})
+    totals = []
+    for every in (1, 100):
+        torch.manual_seed(0)
+        callback = cls(log_every_n_steps=every, **kwargs)
+        trainer = make_trainer(
+            tmp_path / str(every),
+            max_steps=8,
+            max_epochs=None,
+            logger=CSVLogger(tmp_path / str(every)),
+            callbacks=[callback],
+        )
+        trainer.fit(MLPModule(), make_loader())
+        assert callback.steps == 8 and callback.skipped_steps.item() == 0
+        totals.append(callback.clipped_steps.item())
+        if every == 1:
+            rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))  # type: ignore[union-attr]
+            logged = sum(float(r["clip/clipped"]) for r in rows if r.get("clip/clipped"))
+            assert totals[0] == pytest.approx(logged, rel=1e-6)
+    assert totals[0] > 0  # the settings clip some steps
+    assert totals[1] == pytest.approx(totals[0], rel=1e-6)

@@ -66,6 +66,9 @@ def loader(shape: tuple[int, ...], batch_size: int, steps: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
+# Asked once: on a CUDA build without a GPU each call costs tens of microseconds.
+CUDA = torch.cuda.is_available()
+
 # The per-step hooks of callbacks and of the LightningModule where the work under test happens
 # (``configure_gradient_clipping`` is where ``Trainer(gradient_clip_val=...)`` clips).
 CLOCKED_HOOKS = (
@@ -98,11 +101,11 @@ class StepTimer(Callback):
                 continue
 
             def timed(*args: Any, _inner: Callable[..., Any] = inner, **kwargs: Any) -> Any:
-                if torch.cuda.is_available():
+                if CUDA:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 out = _inner(*args, **kwargs)
-                if torch.cuda.is_available():
+                if CUDA:
                     torch.cuda.synchronize()
                 self._in_hooks += time.perf_counter() - t0
                 return out
@@ -110,12 +113,12 @@ class StepTimer(Callback):
             setattr(obj, name, timed)
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if torch.cuda.is_available():
+        if CUDA:
             torch.cuda.synchronize()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if torch.cuda.is_available():
+        if CUDA:
             torch.cuda.synchronize()
         if trainer.global_step > self.warmup:
             self.times.append(time.perf_counter() - self._t0)
@@ -220,7 +223,7 @@ def markdown(rows: list[dict[str, Any]], extra: list[str] | None = None) -> str:
 
 
 def machine() -> str:
-    if torch.cuda.is_available():
+    if CUDA:
         return f"GPU {torch.cuda.get_device_name()} (torch {torch.__version__})"
     cpu = platform.processor() or platform.machine()
     return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"

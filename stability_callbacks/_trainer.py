@@ -26,14 +26,7 @@ __all__ = [
 
 def optimizer_params(optimizer: Optimizer) -> list[Tensor]:
     """Every parameter the optimizer updates, once each, in param-group order."""
-    seen: set[int] = set()
-    params: list[Tensor] = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    return params
+    return list({id(p): p for group in optimizer.param_groups for p in group["params"]}.values())
 
 
 def tensorboard_writer(trainer: pl.Trainer) -> Any | None:

@@ -40,7 +40,7 @@ from stability_callbacks._trainer import (
     log_scalars,
     tensorboard_writer,
 )
-from stability_callbacks.clipping import AGC, AutoClip, ZClip
+from stability_callbacks.clipping import AGC, AutoClip, ZClip, sharing_grad_norms
 from stability_callbacks.guard import NonFiniteGuard
 from stability_callbacks.init import InitSwap
 
@@ -716,7 +716,8 @@ class StabilityAutopilot(StabilityCallback):
                     f"{self._window_batches} of epoch {trainer.current_epoch}, which caused an earlier "
                     "rollback.",
                 )
-        self._forward("on_before_optimizer_step", trainer, pl_module, optimizer)
+        with sharing_grad_norms():  # the guard and the clipper take the total norm of the same gradients
+            self._forward("on_before_optimizer_step", trainer, pl_module, optimizer)
         reinit = self.children.get("reinit")
         if isinstance(reinit, InitSwap) and reinit.applied and not self.reinit_done:
             self.reinit_done = True

@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,7 @@ __all__ = [
     "clip_grad_value_",
     "default_accumulate_dtype",
     "scale_grads_",
+    "sharing_grad_norms",
     "total_grad_norm",
     "unitwise_norms",
 ]
@@ -110,31 +111,64 @@ def _wide(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type in _NO_FLOAT64 else torch.float64
 
 
+_MemoKey = tuple[torch.dtype | None, list[tuple[Tensor, int]]]  # accumulation dtype, (tensor, version)s
+_SHARED_NORMS: list[list[tuple[_MemoKey, Tensor]]] = []  # one memo per open sharing_grad_norms block
+
+
 def total_grad_norm(grads: Sequence[Tensor], accumulate_dtype: torch.dtype | None = None) -> Tensor:
     """L2 norm of all tensors taken together, as a 0-d float32 tensor, without a host sync.
 
     One fused ``torch._foreach_norm`` per device and dtype; the per-tensor norms are combined in float64
-    where the device supports it.
+    where the device supports it. Inside :func:`sharing_grad_norms` the norm of the same, unmodified
+    gradients is computed once.
 
     Args:
         grads: the gradients (dense or sparse; no ``None``).
         accumulate_dtype: accumulation dtype of the per-tensor norms; ``None`` picks
             :func:`default_accumulate_dtype` of each tensor's device, except on the CPU itself, where
-            reading a value costs no sync: there the norms accumulate in float32 and the tensors whose
-            norm overflowed are redone in float64 (see :func:`~stability_callbacks.stats.tensor_norms`).
+            reading a value costs no sync: there the norms accumulate in float32 and are combined in
+            double precision on the host, and the tensors whose norm overflowed are redone in float64
+            (see :func:`~stability_callbacks.stats.tensor_norms`).
     """
     grads = list(grads)
     if not grads:
         return torch.zeros(())
+    memo = _SHARED_NORMS[-1] if _SHARED_NORMS else None
+    if memo is not None:
+        key: _MemoKey = (accumulate_dtype, [(g, g._version) for g in grads])
+        for seen, norm in memo:
+            if _same_grads(seen, key):
+                return norm
+    norm = _total_grad_norm(grads, accumulate_dtype)
+    if memo is not None:
+        memo.append((key, norm))
+    return norm
+
+
+def _same_grads(a: _MemoKey, b: _MemoKey) -> bool:
+    """Whether two memo keys name the same tensors at the same versions (no in-place change between)."""
+    return (
+        a[0] == b[0]
+        and len(a[1]) == len(b[1])
+        and all(x is y and u == v for (x, u), (y, v) in zip(a[1], b[1], strict=True))
+    )
+
+
+def _total_grad_norm(grads: list[Tensor], accumulate_dtype: torch.dtype | None) -> Tensor:
     out_device = grads[0].device
-    if accumulate_dtype is None and all(host_reads_are_free(g.device) for g in grads):
-        per_tensor = tensor_norms(grads)  # float32, with the tensors whose norm overflowed in float64
-        return torch.linalg.vector_norm(per_tensor.to(torch.float64)).float()
     if any(g.is_sparse for g in grads):
+        if accumulate_dtype is None and all(host_reads_are_free(g.device) for g in grads):
+            return torch.linalg.vector_norm(tensor_norms(grads).to(torch.float64)).float()
         acc = accumulate_dtype or default_accumulate_dtype(out_device)
         return total_norm(grads, 2.0, accumulate_dtype=acc)
-    parts: list[Tensor] = []
     groups = _group_tensors_by_device_and_dtype([grads])  # type: ignore[list-item]
+    if accumulate_dtype is None and all(host_reads_are_free(device) for device, _ in groups):
+        total = _host_total_norm(groups)
+        if total is not None:
+            return torch.tensor(total, dtype=torch.float32)
+        per_tensor = tensor_norms(grads)  # float32, with the tensors whose norm overflowed in float64
+        return torch.linalg.vector_norm(per_tensor.to(torch.float64)).float()
+    parts: list[Tensor] = []
     for (device, dtype), ((tensors,), _) in groups.items():
         acc = torch.promote_types(accumulate_dtype or default_accumulate_dtype(device), dtype)
         if acc == dtype:
@@ -144,6 +178,39 @@ def total_grad_norm(grads: Sequence[Tensor], accumulate_dtype: torch.dtype | Non
         parts.append(torch.stack(norms).to(out_device))
     per_tensor = parts[0] if len(parts) == 1 else torch.cat([p.float() for p in parts])
     return torch.linalg.vector_norm(per_tensor.to(_wide(out_device))).float()
+
+
+def _host_total_norm(groups: dict[Any, Any]) -> float | None:
+    """Total norm of CPU tensors: float32 per-tensor norms read and combined in double precision.
+
+    ``None`` when a per-tensor norm came out non-finite (an overflow to redo in float64, or a NaN/inf).
+    Reading the per-tensor norms and combining them with ``math.hypot`` costs less than stacking them
+    into a tensor for another reduction.
+    """
+    values: list[float] = []
+    for (_, dtype), ((tensors,), _) in groups.items():
+        if dtype in (torch.float32, torch.float64):
+            norms = torch._foreach_norm(tensors, 2.0)
+        else:
+            norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
+        values += [n.item() for n in norms]
+    total = math.hypot(*values)
+    return total if math.isfinite(total) else None
+
+
+@contextmanager
+def sharing_grad_norms() -> Iterator[None]:
+    """Within this block, :func:`total_grad_norm` of the same gradients is computed once.
+
+    For callbacks run one after another on the same optimizer step (a guard, then a clipper): the
+    second call returns the first one's norm as long as it gets the same tensors and none was changed in
+    place in between (their version counters say so). Nothing is kept after the block.
+    """
+    _SHARED_NORMS.append([])
+    try:
+        yield
+    finally:
+        _SHARED_NORMS.pop()
 
 
 def clip_coefficient(total: Tensor, max_norm: Tensor | float, eps: float = _CLIP_EPS) -> Tensor:
@@ -159,7 +226,13 @@ def clip_coefficient(total: Tensor, max_norm: Tensor | float, eps: float = _CLIP
 
 
 def scale_grads_(grads: Sequence[Tensor], coef: Tensor) -> None:
-    """Multiply every gradient in place by the 0-d tensor ``coef`` (one fused call per device and dtype)."""
+    """Multiply every gradient in place by the 0-d tensor ``coef`` (one fused call per device and dtype).
+
+    On the CPU, where reading ``coef`` costs nothing, a coefficient of exactly 1 changes nothing and is
+    skipped.
+    """
+    if host_reads_are_free(coef.device) and coef.item() == 1.0:
+        return
     dense = [g for g in grads if not g.is_sparse]
     for g in grads:
         if g.is_sparse:

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tb_events import load_events, scalars
 from torch import Tensor, nn
 
+from stability_callbacks import clipping as clipping_module
 from stability_callbacks.autopilot import (
     LossSpikeDetector,
     RollbackLimitError,
@@ -422,6 +423,24 @@ def test_children_act(tmp_path: Path) -> None:
     _fit(tmp_path, TroubleMLP(), ap, steps=6)
     clipper = ap.children["clipper"]
     assert isinstance(clipper, ZClip) and clipper.steps == 6
+
+
+def test_guard_and_clipper_share_one_norm_per_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    computed: list[float] = []
+    inner = clipping_module._total_grad_norm
+
+    def counted(grads: list[Tensor], accumulate_dtype: torch.dtype | None) -> Tensor:
+        norm = inner(grads, accumulate_dtype)
+        computed.append(norm.item())
+        return norm
+
+    monkeypatch.setattr(clipping_module, "_total_grad_norm", counted)
+    ap = StabilityAutopilot(clipper=ZClip(warmup_steps=2), reinit=False, verbose=False)
+    _fit(tmp_path, TroubleMLP(), ap, steps=6)
+    clipper = ap.children["clipper"]
+    assert isinstance(clipper, ZClip) and clipper.steps == 6
+    assert len(computed) == 6  # the guard's norm, reused by ZClip: one pass over the gradients a step
+    assert all(math.isfinite(n) and n > 0 for n in computed)
 
 
 @pytest.mark.parametrize(

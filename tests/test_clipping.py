@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from stability_callbacks import stats as stats_module
 from stability_callbacks.clipping import (
     AGC,
     AutoClip,
@@ -31,6 +32,7 @@ from stability_callbacks.clipping import (
     check_clipping_setup,
     clip_grad_norm_to,
     clip_grad_value_,
+    sharing_grad_norms,
     total_grad_norm,
     unitwise_norms,
 )
@@ -70,13 +72,42 @@ def test_clip_grad_value_by_hand() -> None:
     assert grads[0].tolist() == [-1.0, 0.5, 1.0] and grads[1].item() == 1.0
 
 
-def test_total_grad_norm_matches_torch_and_handles_sparse() -> None:
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-path", "device-path"])
+def test_total_grad_norm_matches_torch_and_handles_sparse(
+    monkeypatch: pytest.MonkeyPatch, host_reads: bool
+) -> None:
+    monkeypatch.setattr(stats_module, "CPU_READS_ARE_FREE", host_reads)
     torch.manual_seed(0)
-    grads = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2, 2).double()]
+    grads = [
+        torch.randn(5, 3),
+        torch.randn(7),
+        torch.randn(2, 2, 2).double(),
+        torch.randn(9).bfloat16(),
+        torch.zeros(0, 4),
+    ]
     expected = torch.linalg.vector_norm(torch.cat([g.flatten().double() for g in grads]))
     assert total_grad_norm(grads).item() == pytest.approx(expected.item(), rel=1e-6)
+    with_nan = [torch.ones(3), torch.tensor([1.0, float("nan")])]
+    assert math.isnan(total_grad_norm(with_nan).item())
+    assert total_grad_norm([torch.ones(3), torch.tensor([float("inf")])]).item() == math.inf
     sparse = torch.sparse_coo_tensor([[0, 0, 2]], [3.0, 1.0, 0.0], (4,))  # duplicate index: 3 + 1
     assert total_grad_norm([sparse, torch.tensor([3.0])]).item() == pytest.approx(5.0)
+
+
+def test_sharing_grad_norms_computes_the_norm_of_unchanged_gradients_once() -> None:
+    grads = [torch.tensor([3.0]), torch.tensor([[4.0]])]
+    with sharing_grad_norms():
+        first = total_grad_norm(grads)
+        assert total_grad_norm(list(grads)) is first  # same tensors, unchanged: the same result
+        assert total_grad_norm(grads[:1]).item() == 3.0  # other tensors: computed
+        assert total_grad_norm(grads, torch.float64) is not first  # another accumulation: computed
+        grads[0].mul_(2.0)  # changed in place: computed again
+        assert total_grad_norm(grads).item() == pytest.approx(math.hypot(6.0, 4.0))
+        replaced = [torch.tensor([3.0]), grads[1]]  # equal values, another tensor: computed
+        assert total_grad_norm(replaced) is not first
+    assert first.item() == 5.0
+    again = total_grad_norm(grads)
+    assert total_grad_norm(grads) is not again  # outside the block nothing is kept
 
 
 def test_unitwise_norms_by_hand() -> None:

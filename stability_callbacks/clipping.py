@@ -111,6 +111,8 @@ def _wide(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type in _NO_FLOAT64 else torch.float64
 
 
+_STACK_TENSOR_NUMEL = 1 << 12  # CPU total norm: tensors up to this size are stacked with their shape
+_STACK_MAX_NUMEL = 1 << 20  # ... into copies of at most this many elements
 _MemoKey = tuple[torch.dtype | None, list[tuple[Tensor, int]]]  # accumulation dtype, (tensor, version)s
 _SHARED_NORMS: list[list[tuple[_MemoKey, Tensor]]] = []  # one memo per open sharing_grad_norms block
 
@@ -181,19 +183,35 @@ def _total_grad_norm(grads: list[Tensor], accumulate_dtype: torch.dtype | None) 
 
 
 def _host_total_norm(groups: dict[Any, Any]) -> float | None:
-    """Total norm of CPU tensors: float32 per-tensor norms read and combined in double precision.
+    """Total norm of CPU tensors: float32 norms read and combined in double precision.
 
-    ``None`` when a per-tensor norm came out non-finite (an overflow to redo in float64, or a NaN/inf).
-    Reading the per-tensor norms and combining them with ``math.hypot`` costs less than stacking them
-    into a tensor for another reduction.
+    ``None`` when a norm came out non-finite (an overflow to redo in float64, or a NaN/inf). Small
+    tensors of one shape (the biases and norm weights of a deep stack) are stacked and reduced together,
+    a few copies of at most ``_STACK_MAX_NUMEL`` elements instead of one kernel call each; the others
+    take one fused ``torch._foreach_norm``. Reading the norms and combining them with ``math.hypot``
+    costs less than stacking them into a tensor for another reduction.
     """
     values: list[float] = []
     for (_, dtype), ((tensors,), _) in groups.items():
-        if dtype in (torch.float32, torch.float64):
-            norms = torch._foreach_norm(tensors, 2.0)
-        else:
-            norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
-        values += [n.item() for n in norms]
+        acc = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        by_shape: dict[torch.Size, list[Tensor]] = {}
+        singles: list[Tensor] = []
+        for t in tensors:
+            (by_shape.setdefault(t.shape, []) if t.numel() <= _STACK_TENSOR_NUMEL else singles).append(t)
+        for same in by_shape.values():
+            if len(same) == 1:
+                singles += same
+                continue
+            per_stack = max(1, _STACK_MAX_NUMEL // max(same[0].numel(), 1))
+            for start in range(0, len(same), per_stack):
+                stacked = torch.stack(same[start : start + per_stack])
+                values.append(torch.linalg.vector_norm(stacked, dtype=acc).item())
+        if singles:
+            if acc == dtype:
+                norms = torch._foreach_norm(singles, 2.0)
+            else:
+                norms = torch._foreach_norm(singles, 2.0, dtype=acc)
+            values += [n.item() for n in norms]
     total = math.hypot(*values)
     return total if math.isfinite(total) else None
 

@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from stability_callbacks import clipping as clipping_module
 from stability_callbacks import stats as stats_module
 from stability_callbacks.clipping import (
     AGC,
@@ -92,6 +93,19 @@ def test_total_grad_norm_matches_torch_and_handles_sparse(
     assert total_grad_norm([torch.ones(3), torch.tensor([float("inf")])]).item() == math.inf
     sparse = torch.sparse_coo_tensor([[0, 0, 2]], [3.0, 1.0, 0.0], (4,))  # duplicate index: 3 + 1
     assert total_grad_norm([sparse, torch.tensor([3.0])]).item() == pytest.approx(5.0)
+
+
+def test_total_grad_norm_of_many_small_tensors_stacked_by_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clipping_module, "_STACK_MAX_NUMEL", 16)  # stacks of two 7-element tensors
+    torch.manual_seed(0)
+    grads = [torch.randn(7) for _ in range(5)] + [torch.randn(3, 3).half() for _ in range(3)]
+    grads += [torch.randn(5000), torch.randn(3)]  # too big to stack; alone with its shape
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten().double() for g in grads]))
+    assert total_grad_norm(grads).item() == pytest.approx(expected.item(), rel=1e-6)
+    huge = [torch.full((7,), 1e30) for _ in range(3)]  # squares overflow float32: redone in float64
+    assert total_grad_norm(huge).item() == pytest.approx(math.sqrt(21) * 1e30, rel=1e-6)
+    with_nan = [torch.ones(7), torch.ones(7), torch.tensor([float("nan")] * 7)]
+    assert math.isnan(total_grad_norm(with_nan).item())
 
 
 def test_sharing_grad_norms_computes_the_norm_of_unchanged_gradients_once() -> None:

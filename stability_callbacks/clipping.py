@@ -662,6 +662,8 @@ class ZScorePolicy:
         """
         norm32 = norm.detach().float().reshape(())
         self._ensure(norm32.device)
+        if host_reads_are_free(norm32.device):
+            return self._step_on_host(norm32)
         assert self.buffer is not None and self.count is not None
         assert self.mean is not None and self.var is not None
         dtype = self.buffer.dtype
@@ -730,6 +732,66 @@ class ZScorePolicy:
             coef=coef,
             clipped=clipped.float(),
             finite=finite,
+        )
+
+    def _step_on_host(self, norm32: Tensor) -> ClipDecision:
+        """:meth:`step` on the CPU, where reading the state is free: the same float64 arithmetic, branched
+        in Python instead of a few dozen masked tensor operations (the decisions are identical)."""
+        assert self.buffer is not None and self.count is not None
+        assert self.mean is not None and self.var is not None
+        x = norm32.item()
+        finite = math.isfinite(x)
+        count, mean, var = int(self.count.item()), self.mean.item(), self.var.item()
+        cap = self.max_grad_norm
+        coef, clipped = 1.0, False
+        if count < self.warmup_steps:  # warm-up: only the cap clips
+            threshold = math.inf if cap is None else cap
+            if finite:
+                self.buffer[count] = x
+                self.count = torch.tensor(count + 1)
+                if count + 1 == self.warmup_steps:  # the EMA starts from the buffer's mean and variance
+                    self.mean = self.buffer.sum() / self.warmup_steps
+                    self.var = (self.buffer - self.mean).square().sum() / self.warmup_steps
+                if cap is not None:
+                    coef, clipped = min(cap / (x + _CLIP_EPS), 1.0), x > cap
+        else:
+            std = math.sqrt(var)
+            if self.mode == "percentile":
+                spike_level = mean + self.z_thresh * std
+            else:
+                spike_level = mean + self.z_thresh * (std + self.eps)
+            threshold = spike_level if cap is None else min(spike_level, cap)
+            if finite:
+                if self.mode == "percentile":
+                    spike, clip_value = x > spike_level, spike_level
+                else:
+                    scale = std + self.eps
+                    # IEEE division, as on the device: x / 0 is +-inf, 0 / 0 is NaN (no spike)
+                    z = (x - mean) / scale if scale > 0 else (x - mean) * math.inf
+                    spike = z > self.z_thresh
+                    clip_value = mean
+                    if spike and self.clip_option == "adaptive_scaling":  # z > z_thresh > 0: no zero division
+                        clip_value = (mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
+                effective = clip_value if spike else x
+                if cap is not None:
+                    effective = min(effective, cap)
+                if x > effective:
+                    coef, clipped = effective / (x + _CLIP_EPS), True
+                if not (spike and self.skip_update_on_spike):
+                    value = clip_value if spike else x
+                    new_mean = self.alpha * mean + (1 - self.alpha) * value
+                    deviation = value - new_mean
+                    new_var = self.alpha * var + (1 - self.alpha) * (deviation * deviation)
+                    self.mean = torch.tensor(new_mean, dtype=self.mean.dtype)
+                    self.var = torch.tensor(new_var, dtype=self.var.dtype)
+        coef_t = torch.tensor(coef, dtype=torch.float32)
+        return ClipDecision(
+            norm_pre=norm32,
+            norm_post=norm32 * coef_t,
+            threshold=torch.tensor(threshold, dtype=torch.float32),
+            coef=coef_t,
+            clipped=torch.tensor(float(clipped)),
+            finite=torch.tensor(finite),
         )
 
     def state_dict(self) -> dict[str, Any]:

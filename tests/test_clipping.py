@@ -209,6 +209,37 @@ def test_zscore_policy_by_hand() -> None:
     assert d.clipped.item() == 0.0 and d.coef.item() == 1.0
 
 
+HOST_PATH_CONFIGS: list[dict[str, Any]] = [
+    {"warmup_steps": 4},
+    {"warmup_steps": 4, "eps": 0.0},  # a constant warm-up: zero variance, z = +-inf or NaN
+    {"warmup_steps": 4, "eps": 0.0, "clip_option": "mean"},
+    {"warmup_steps": 4, "mode": "percentile", "z_thresh": 1.0},
+    {"warmup_steps": 3, "max_grad_norm": 2.5, "skip_update_on_spike": True},
+    {"warmup_steps": 6, "alpha": 0.8, "z_thresh": 1.5, "clip_factor": 0.5, "max_grad_norm": 9.0},
+]
+
+
+@pytest.mark.parametrize("config", HOST_PATH_CONFIGS, ids=[str(i) for i in range(len(HOST_PATH_CONFIGS))])
+def test_zscore_policy_host_path_makes_the_device_paths_decisions(
+    monkeypatch: pytest.MonkeyPatch, config: dict[str, Any]
+) -> None:
+    g = torch.Generator().manual_seed(1)
+    norms = [2.0, 2.0, float("nan"), 2.0, 2.0, 2.0, 3.0, 1.0, float("inf"), 0.0]
+    norms += [*(torch.rand(40, generator=g) * 3).exp().tolist(), 50.0, 2.0, 400.0, float("nan"), 3.0]
+    host, device = ZScorePolicy(**config), ZScorePolicy(**config)
+    clipped = 0
+    for x in norms:
+        monkeypatch.setattr(stats_module, "CPU_READS_ARE_FREE", True)
+        a = host.step(torch.tensor(x))
+        monkeypatch.setattr(stats_module, "CPU_READS_ARE_FREE", False)
+        b = device.step(torch.tensor(x))
+        for field in ("norm_pre", "norm_post", "threshold", "coef", "clipped", "finite"):
+            torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=0, atol=0, equal_nan=True)
+        assert host.state_dict() == device.state_dict()
+        clipped += int(a.clipped.item())
+    assert clipped >= 3
+
+
 def test_zscore_policy_non_finite_norm_never_enters_the_statistics() -> None:
     policy = ZScorePolicy(warmup_steps=2)
     for x in (1.0, float("nan"), 3.0, float("inf"), 2.0):

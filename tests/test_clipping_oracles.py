@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from zclip import ZClip as ZClipRef
 from zclip import ZClipLightningCallback
 
+from stability_callbacks import stats as stats_module
 from stability_callbacks.clipping import (
     AGC,
     AutoClip,
@@ -135,8 +136,12 @@ ZCLIP_CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-path", "device-path"])
 @pytest.mark.parametrize("config", ZCLIP_CONFIGS, ids=[str(i) for i in range(len(ZCLIP_CONFIGS))])
-def test_zscore_policy_matches_zclip_on_a_recorded_sequence(config: dict[str, Any]) -> None:
+def test_zscore_policy_matches_zclip_on_a_recorded_sequence(
+    monkeypatch: pytest.MonkeyPatch, config: dict[str, Any], host_reads: bool
+) -> None:
+    monkeypatch.setattr(stats_module, "CPU_READS_ARE_FREE", host_reads)
     ref_model, our_model = _model(), _model()
     ref = ZClipRef(**config)
     policy = ZScorePolicy(**config)

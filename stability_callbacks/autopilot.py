@@ -24,6 +24,7 @@ Layer 1 (no Lightning, usable from a plain PyTorch loop):
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ from stability_callbacks._trainer import (
 from stability_callbacks.clipping import AGC, AutoClip, ZClip, sharing_grad_norms
 from stability_callbacks.guard import NonFiniteGuard
 from stability_callbacks.init import InitSwap
+from stability_callbacks.stats import host_reads_are_free
 
 __all__ = ["LossSpikeDetector", "RollbackLimitError", "Snapshot", "SnapshotRing", "StabilityAutopilot"]
 
@@ -80,7 +82,8 @@ class LossSpikeDetector:
     mean (the median), so that a loss near zero does not turn harmless absolute wiggles into spikes.
 
     A non-finite loss is always a spike, also during warm-up; no spike is judged before ``warmup``
-    losses were accepted; a spike never enters the statistics. Nothing here reads a value to the host.
+    losses were accepted; a spike never enters the statistics. On accelerators nothing here reads a
+    value to the host.
 
     Args:
         mode: ``"zscore"`` or ``"ratio"``.
@@ -148,6 +151,8 @@ class LossSpikeDetector:
         """
         x = loss.detach().reshape(()).to(torch.float64)
         self._ensure(x.device)
+        if host_reads_are_free(x.device):
+            return self._observe_on_host(x.item())
         assert self.count is not None and self.mean is not None and self.var is not None
         assert self.history is not None
         finite = torch.isfinite(x)
@@ -182,6 +187,39 @@ class LossSpikeDetector:
             self.mean.copy_(torch.where(accept, self.mean + delta / n1, self.mean))
         self.count.add_(accept.to(torch.float64))
         return spike
+
+    def _observe_on_host(self, x: float) -> Tensor:
+        """:meth:`observe` on the CPU, where reading the statistics is free: the same float64 arithmetic,
+        branched in Python instead of masked tensor operations (the decisions are identical)."""
+        assert self.count is not None and self.mean is not None and self.var is not None
+        assert self.history is not None
+        count, mean, var = self.count.item(), self.mean.item(), self.var.item()
+        finite = math.isfinite(x)
+        xs = x if finite else mean
+        if self.mode == "zscore":
+            std = max(math.sqrt(max(var, 0.0)), self.rel_std_floor * abs(mean))
+            high = (xs - mean) > max(self.threshold * std, self.atol)
+        else:
+            median = torch.nanmedian(self.history).item()
+            high = xs > self.threshold * median and xs - median > self.atol
+        spike = not finite or (count >= self.warmup and high)
+        if not spike:
+            n1 = count + 1
+            delta = xs - mean
+            if self.mode == "zscore":
+                if count < self.warmup:
+                    new_mean = mean + delta / n1
+                    new_var = (count * var + delta * (xs - new_mean)) / n1
+                else:
+                    new_mean = mean + (1 - self.alpha) * delta
+                    new_var = self.alpha * (var + (1 - self.alpha) * delta * delta)
+                self.mean.fill_(new_mean)
+                self.var.fill_(new_var)
+            else:
+                self.history[int(count % self.window)] = xs
+                self.mean.fill_(mean + delta / n1)
+            self.count.fill_(n1)
+        return torch.tensor(spike)
 
     def reset(self) -> None:
         """Forget the statistics (warm-up starts again)."""

@@ -17,6 +17,7 @@ from tb_events import load_events, scalars
 from torch import Tensor, nn
 
 from stability_callbacks import clipping as clipping_module
+from stability_callbacks import stats as stats_module
 from stability_callbacks.autopilot import (
     LossSpikeDetector,
     RollbackLimitError,
@@ -209,6 +210,36 @@ def test_detector_atol_ignores_small_rises_of_a_loss_near_zero(mode: str) -> Non
     assert bool(plain.observe(torch.tensor(0.01)))  # 100x the loss, but only 0.01 above it
     assert not bool(tolerant.observe(torch.tensor(0.01)))
     assert bool(tolerant.observe(torch.tensor(2.0)))  # a real spike
+
+
+DETECTOR_CONFIGS: list[dict[str, Any]] = [
+    {"mode": "zscore", "warmup": 4},
+    {"mode": "zscore", "warmup": 6, "threshold": 2.0, "alpha": 0.8, "rel_std_floor": 0.0, "atol": 0.01},
+    {"mode": "ratio", "warmup": 3, "window": 5},
+    {"mode": "ratio", "warmup": 2, "window": 3, "threshold": 1.5, "atol": 0.2},
+]
+
+
+@pytest.mark.parametrize("config", DETECTOR_CONFIGS, ids=[str(i) for i in range(len(DETECTOR_CONFIGS))])
+def test_detector_host_path_makes_the_device_paths_decisions(
+    monkeypatch: pytest.MonkeyPatch, config: dict[str, Any]
+) -> None:
+    g = torch.Generator().manual_seed(2)
+    losses = [2.0, math.nan, 2.0, 2.0, 2.0, 2.0, 2.0, 9.0, math.inf, 1.0]
+    losses += [*(1.0 + torch.rand(40, generator=g)).tolist(), 8.0, 1.2, 30.0, math.nan, 1.1]
+    host, device = LossSpikeDetector(**config), LossSpikeDetector(**config)
+    flags = []
+    for loss in losses:
+        monkeypatch.setattr(stats_module, "CPU_READS_ARE_FREE", True)
+        a = host.observe(torch.tensor(loss))
+        monkeypatch.setattr(stats_module, "CPU_READS_ARE_FREE", False)
+        b = device.observe(torch.tensor(loss))
+        assert a.dtype == b.dtype == torch.bool and a.shape == b.shape == ()
+        assert bool(a) == bool(b)
+        for key, value in host.state_dict().items():
+            torch.testing.assert_close(value, device.state_dict()[key], rtol=0, atol=0, equal_nan=True)
+        flags.append(bool(a))
+    assert 4 <= sum(flags) < len(flags) // 2
 
 
 def test_detector_state_round_trip() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import lightning.pytorch as pl
 import torch
@@ -24,9 +25,26 @@ __all__ = [
 ]
 
 
+# optimizer -> (the (id, length) of each param group's list, its parameters once each)
+_OPTIMIZER_PARAMS: WeakKeyDictionary[Optimizer, tuple[tuple[tuple[int, int], ...], list[Tensor]]] = (
+    WeakKeyDictionary()
+)
+
+
 def optimizer_params(optimizer: Optimizer) -> list[Tensor]:
-    """Every parameter the optimizer updates, once each, in param-group order."""
-    return list({id(p): p for group in optimizer.param_groups for p in group["params"]}.values())
+    """Every parameter the optimizer updates, once each, in param-group order (a new list).
+
+    Remembered per optimizer as long as each param group keeps the same list of parameters at the same
+    length, so per-step callers do not deduplicate thousands of parameters every step;
+    ``add_param_group`` or a group given a new list is seen at the next call.
+    """
+    groups = optimizer.param_groups
+    signature = tuple((id(group["params"]), len(group["params"])) for group in groups)
+    seen = _OPTIMIZER_PARAMS.get(optimizer)
+    if seen is None or seen[0] != signature:
+        params = list({id(p): p for group in groups for p in group["params"]}.values())
+        seen = _OPTIMIZER_PARAMS[optimizer] = (signature, params)
+    return list(seen[1])
 
 
 def tensorboard_writer(trainer: pl.Trainer) -> Any | None:

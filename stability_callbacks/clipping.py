@@ -113,8 +113,10 @@ def _wide(device: torch.device) -> torch.dtype:
 
 _STACK_TENSOR_NUMEL = 1 << 12  # CPU total norm: tensors up to this size are stacked with their shape
 _STACK_MAX_NUMEL = 1 << 20  # ... into copies of at most this many elements
-_MemoKey = tuple[torch.dtype | None, list[tuple[Tensor, int]]]  # accumulation dtype, (tensor, version)s
-_SHARED_NORMS: list[list[tuple[_MemoKey, Tensor]]] = []  # one memo per open sharing_grad_norms block
+# accumulation dtype, the gradients' ids and their version counters (in-place changes bump them)
+_MemoKey = tuple[torch.dtype | None, list[int], list[int]]
+# one memo per open sharing_grad_norms block: (key, the gradients, kept alive so ids stay theirs, norm)
+_SHARED_NORMS: list[list[tuple[_MemoKey, list[Tensor], Tensor]]] = []
 
 
 def total_grad_norm(grads: Sequence[Tensor], accumulate_dtype: torch.dtype | None = None) -> Tensor:
@@ -137,23 +139,14 @@ def total_grad_norm(grads: Sequence[Tensor], accumulate_dtype: torch.dtype | Non
         return torch.zeros(())
     memo = _SHARED_NORMS[-1] if _SHARED_NORMS else None
     if memo is not None:
-        key: _MemoKey = (accumulate_dtype, [(g, g._version) for g in grads])
-        for seen, norm in memo:
-            if _same_grads(seen, key):
+        key: _MemoKey = (accumulate_dtype, list(map(id, grads)), [g._version for g in grads])
+        for seen, _, norm in memo:
+            if seen == key:
                 return norm
     norm = _total_grad_norm(grads, accumulate_dtype)
     if memo is not None:
-        memo.append((key, norm))
+        memo.append((key, grads, norm))
     return norm
-
-
-def _same_grads(a: _MemoKey, b: _MemoKey) -> bool:
-    """Whether two memo keys name the same tensors at the same versions (no in-place change between)."""
-    return (
-        a[0] == b[0]
-        and len(a[1]) == len(b[1])
-        and all(x is y and u == v for (x, u), (y, v) in zip(a[1], b[1], strict=True))
-    )
 
 
 def _total_grad_norm(grads: list[Tensor], accumulate_dtype: torch.dtype | None) -> Tensor:

@@ -202,3 +202,20 @@ def test_freezing_and_unfreezing_mid_fit(tmp_path: Path, cb_name: str) -> None:
     model = MLPModule()
     fit(tmp_path, make(cb_name), model, callbacks=[make(cb_name), Unfreezer()], max_steps=5)
     assert finite_weights(model)
+
+
+def test_optimizer_params_once_each_in_group_order_and_follows_new_groups() -> None:
+    from stability_callbacks._trainer import optimizer_params
+
+    a, b, c, d = (nn.Parameter(torch.zeros(2)) for _ in range(4))
+    opt = torch.optim.SGD([{"params": [a, b]}, {"params": [c]}], lr=0.1)
+    first = optimizer_params(opt)
+    assert [id(p) for p in first] == [id(a), id(b), id(c)]
+    first.append(d)  # callers get their own list
+    assert [id(p) for p in optimizer_params(opt)] == [id(a), id(b), id(c)]
+    opt.param_groups[1]["params"].append(a)  # a group's list grew; `a` still counts once
+    assert [id(p) for p in optimizer_params(opt)] == [id(a), id(b), id(c)]
+    opt.add_param_group({"params": [d]})
+    assert [id(p) for p in optimizer_params(opt)] == [id(a), id(b), id(c), id(d)]
+    opt.param_groups[0]["params"] = [b]  # a group given a new list
+    assert [id(p) for p in optimizer_params(opt)] == [id(b), id(c), id(a), id(d)]

@@ -2,8 +2,10 @@
 
 Step time of a fit with ``StabilityAutopilot(snapshot_every_n_steps=100)`` (ZClip, NonFiniteGuard,
 the vanishing watch and the loss-spike check all on) against a bare fit and against a fit with only
-``ZClip()``, on torchvision's resnet18 and a 300-layer narrow MLP; then the time and memory of one
-snapshot of model and optimizer state, on the host and on the device.
+``ZClip()``, on torchvision's resnet18 and a 300-layer narrow MLP, timed after the vanishing watch of
+the first ``reinit_watch_steps`` steps (what every later step of a long run costs); then what a step
+inside that watch costs, and the time and memory of one snapshot of model and optimizer state, on the
+host and on the device.
 
 Run: ``python benchmarks/autopilot_overhead.py [--repeats 3] [--steps-resnet 100] [--steps-mlp 300]``.
 """
@@ -19,6 +21,8 @@ from _common import MODELS, Classifier, machine, markdown, run_table, time_fit_a
 
 from stability_callbacks import StabilityAutopilot, ZClip
 from stability_callbacks.autopilot import SnapshotRing
+
+WARMUP = 5  # steps before any timing (first-step set-up)
 
 
 def snapshot_cost(model_name: str, device: str, repeats: int = 5) -> tuple[float, int]:
@@ -51,16 +55,33 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18", "mlp300"])
     args = parser.parse_args()
 
+    def autopilot() -> StabilityAutopilot:
+        return StabilityAutopilot(snapshot_every_n_steps=100, verbose=False)
+
+    watch = autopilot().children["reinit"].watch_steps  # type: ignore[attr-defined]
+    after_watch = WARMUP + watch
     variants = {
-        "bare": lambda m, s: time_fit_and_hooks(m, [], s),
-        "ZClip()": lambda m, s: time_fit_and_hooks(m, [ZClip()], s),
+        "bare": lambda m, s: time_fit_and_hooks(m, [], s, warmup=after_watch),
+        "ZClip()": lambda m, s: time_fit_and_hooks(m, [ZClip()], s, warmup=after_watch),
         "StabilityAutopilot(snapshot_every_n_steps=100)": lambda m, s: time_fit_and_hooks(
-            m, [StabilityAutopilot(snapshot_every_n_steps=100, verbose=False)], s
+            m, [autopilot()], s, warmup=after_watch
         ),
     }
     steps = {"resnet18": args.steps_resnet, "mlp300": args.steps_mlp}
     rows = run_table(variants, args.models, steps, args.repeats)
-    print(f"StabilityAutopilot overhead on {machine()}, median of {args.repeats} repetitions\n")
+    print(
+        f"StabilityAutopilot overhead on {machine()}, median of {args.repeats} repetitions, steps after "
+        f"the vanishing watch of the first {watch} steps\n"
+    )
+    print(markdown(rows, extra=["hook_ms", "hooks_ratio"]))
+    in_watch = {
+        "bare": lambda m, s: time_fit_and_hooks(m, [], s, warmup=WARMUP),
+        "StabilityAutopilot(snapshot_every_n_steps=100)": lambda m, s: time_fit_and_hooks(
+            m, [autopilot()], s, warmup=WARMUP
+        ),
+    }
+    rows = run_table(in_watch, args.models, dict.fromkeys(args.models, watch - WARMUP), args.repeats)
+    print(f"\nSteps {WARMUP + 1} to {watch}, inside the vanishing watch (one host read a step)\n")
     print(markdown(rows, extra=["hook_ms", "hooks_ratio"]))
     print("\n| model | snapshot on | ms per snapshot | MiB per snapshot |\n|---|---|---|---|")
     for model in args.models:

@@ -7,7 +7,7 @@ gathers them under a header that describes the machine.
 Run from the repository root::
 
     python -m benchmarks                       # everything, about half an hour on a 2-core CPU
-    python -m benchmarks --only monitor scaling
+    python -m benchmarks --only monitor scaling  # re-run two; the other sections of the file stay
     python -m benchmarks --output benchmarks/RESULTS-gpu.md   # on a GPU machine
     python -m benchmarks --threads 1           # steadier timings on a shared CPU
     python -m benchmarks --dry-run             # print the commands only
@@ -119,11 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     machine = describe_machine()  # the commit measured is the one checked out when the run starts
+    commit = next((line[len("- commit ") :] for line in machine if line.startswith("- commit ")), "?")
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-    started = time.perf_counter()
-    sections: list[str] = []
+    command = "python -m benchmarks" + (f" --threads {args.threads}" if args.threads else "")
+    today = datetime.date.today().isoformat()
+    sections = _read_sections(args.output) if set(args.only) != set(names) else {}
     failed: list[str] = []
     for b in chosen:
         print(f"[{b.name}] {b.shown()}", flush=True)
@@ -135,23 +137,41 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(b.name)
             tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
             body += f"\n\nFAILED with exit code {proc.returncode}:\n\n```\n{tail}\n```"
-        sections.append(f"## {b.title}\n\n`{b.shown()}` ({seconds / 60:.1f} min)\n\n{body}\n")
+        sections[b.title] = (
+            f"`{b.shown()}` ({seconds / 60:.1f} min; `{command}`, commit {commit}, {today})\n\n{body}\n"
+        )
         print(body + "\n", flush=True)
 
-    total = (time.perf_counter() - started) / 60
-    command = "python -m benchmarks" + (f" --threads {args.threads}" if args.threads else "")
     header = [
         "# Benchmark results",
         "",
-        f"Written by `{command}` on {datetime.date.today().isoformat()} in {total:.0f} min.",
+        f"Written by `{command}`; each section names the commit and the day it was measured.",
         "Every ratio compares variants timed in the same run, interleaved, median of the repetitions.",
         "",
-        *machine,
+        *(line for line in machine if not line.startswith("- commit ")),
         "",
     ]
-    args.output.write_text("\n".join(header) + "\n" + "\n".join(sections))
+    ordered = [b.title for b in BENCHMARKS if b.title in sections]
+    ordered += [title for title in sections if title not in ordered]  # sections of no known benchmark
+    body = "\n".join(f"## {title}\n\n{sections[title]}" for title in ordered)
+    args.output.write_text("\n".join(header) + "\n" + body)
     print(f"wrote {args.output}")
     return 1 if failed else 0
+
+
+def _read_sections(path: Path) -> dict[str, str]:
+    """The ``## title`` sections of an earlier results file, title -> text (empty if there is none)."""
+    if not path.exists():
+        return {}
+    sections: dict[str, str] = {}
+    title: str | None = None
+    for line in path.read_text().splitlines(keepends=True):
+        if line.startswith("## "):
+            title = line[3:].strip()
+            sections[title] = ""
+        elif title is not None:
+            sections[title] += line
+    return {t: text.lstrip("\n") for t, text in sections.items()}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Step-time overhead of the clipping callbacks and NonFiniteGuard against a bare fit, Lightning's
 ``Trainer(gradient_clip_val=...)`` and the peers' callbacks (zclip, smartclip, autoclip, timm's AGC).
 
-Run: ``python benchmarks/clipping_overhead.py [--repeats 3] [--steps-resnet 20] [--steps-mlp 100]``.
+Run: ``python benchmarks/clipping_overhead.py [--repeats 3] [--steps-resnet 20] [--steps-mlp 100]
+[--only AGC "peer: timm"]``.
 Prints a markdown table of median step times, the ratio to the bare fit and the ratio to
 ``gradient_clip_val``, all measured in one run (variants interleaved within each repetition).
 
@@ -67,6 +68,12 @@ def main() -> None:
     parser.add_argument("--steps-resnet", type=int, default=20)
     parser.add_argument("--steps-mlp", type=int, default=100)
     parser.add_argument("--models", nargs="+", default=["resnet18", "mlp300"])
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="time only the variants whose name starts with one of these (bare and gradient_clip_val always)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -92,6 +99,9 @@ def main() -> None:
         "peer: autoclip QuantileClip": lambda m, s: time_fit_and_hooks(m, [QuantileClipCallback()], s),
         "peer: timm adaptive_clip_grad": lambda m, s: time_fit_and_hooks(m, [TimmAGCCallback()], s),
     }
+    if args.only:
+        keep = ("bare", "gradient_clip_val", *args.only)
+        variants = {name: run for name, run in variants.items() if name.startswith(keep)}
     steps = {"resnet18": args.steps_resnet, "mlp300": args.steps_mlp}
     rows = run_table(variants, args.models, steps, args.repeats)
     for model in args.models:

@@ -21,10 +21,12 @@ Every policy keeps its state in device tensors and updates it with ``torch.where
 never enters a statistic, and nothing reads a value back to the host. A step whose total norm is not
 finite is left untouched (coefficient 1): it belongs to AMP's GradScaler or to :class:`NonFiniteGuard`.
 
-Norms of float32 gradients accumulate in float32 on CPU, where float64 accumulation is several times
-slower (this is also what ``torch.nn.utils.clip_grad_norm_`` does), and in float64 on CUDA. On CPU a
-single tensor whose norm passes about 1.8e19 therefore reads as infinite, and its step counts as
-non-finite.
+On the CPU itself, where reading a value costs no synchronisation, the same decisions are taken
+faster: norms of float32 gradients accumulate in float32 (float64 accumulation is several times slower
+there) and the tensors whose norm overflowed are redone in float64; small tensors of one shape are
+stacked and reduced together; :class:`ZScorePolicy` branches in Python floats instead of a few dozen
+masked tensor operations; a coefficient of exactly 1 is not applied. On accelerators the per-tensor
+norms accumulate in float64 (float32 where the device has no float64).
 
 Layer 2 callbacks act in ``on_before_optimizer_step`` (after AMP unscaling, once per optimizer step):
 :class:`AutoClip`, :class:`ZClip`, :class:`AGC`, :class:`NormClip`, :class:`ValueClip`.
@@ -368,19 +370,32 @@ class UnitwisePlan:
         self.shapes = [tensors[i].shape for i in self.order]
         self.device = tensors[0].device if tensors else torch.device("cpu")
         self.num_units = sum(self.rows)
+        self._owner: Tensor | None = None  # plan position of each unit
 
+    def with_clipped_units(self, clip: Tensor) -> list[int]:
+        """Plan positions of the tensors with at least one unit set in ``clip`` (``(num_units,)`` bool).
+
+        Reads ``clip`` on the host: for the CPU, where that is free and multiplying only the tensors
+        that change saves one kernel call per untouched tensor.
+        """
+        if self._owner is None:
+            rows = torch.tensor(self.rows, dtype=torch.long)
+            self._owner = torch.repeat_interleave(torch.arange(len(self.rows)), rows).to(clip.device)
+        return torch.unique(self._owner[clip]).tolist()
+
+    @torch.no_grad()
     def norms(self, tensors: Sequence[Tensor]) -> Tensor:
         """Per-unit L2 norms (float32, plan order) of ``tensors`` given in input order."""
         parts: list[Tensor] = []
         for (_, dtype, k), idx in self.groups:
-            members = [tensors[i].detach() for i in idx]
+            members = [tensors[i] for i in idx]
             flat = (
                 members[0].reshape(-1) if len(members) == 1 else torch._utils._flatten_dense_tensors(members)
             )
             acc = None if dtype == torch.float32 else torch.float32
             parts.append(torch.linalg.vector_norm(flat.view(-1, max(k, 1)), dim=1, dtype=acc))
         for i in self.big:
-            t = tensors[i].detach()
+            t = tensors[i]
             acc = None if t.dtype == torch.float32 else torch.float32
             if t.ndim <= 1:
                 parts.append(torch.linalg.vector_norm(t, dtype=acc).reshape(1))
@@ -1297,7 +1312,13 @@ class AGC(_ClipCallback):
         clip = clip & mask
         scale = torch.where(mask, scale, torch.ones_like(scale))
         buffer.copy_(scale)
-        torch._foreach_mul_([dgrads[i] for i in plan.order], views)  # type: ignore[arg-type,misc]
+        if host_reads_are_free(buffer.device):  # multiply only the tensors with a clipped unit
+            touched = plan.with_clipped_units(clip)
+            if touched:
+                grads_touched = [dgrads[plan.order[j]] for j in touched]
+                torch._foreach_mul_(grads_touched, [views[j] for j in touched])  # type: ignore[arg-type,misc]
+        else:
+            torch._foreach_mul_([dgrads[i] for i in plan.order], views)  # type: ignore[arg-type,misc]
         return _agc_decision(g_norm, scale, clip, self.clip_factor)
 
     def _extra_state(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from stability_callbacks.clipping import (
     AutoClip,
     NormClip,
     PercentilePolicy,
+    UnitwisePlan,
     ValueClip,
     ZClip,
     ZScorePolicy,
@@ -577,3 +578,15 @@ def test_counters_count_every_step_not_only_logging_steps(tmp_path: Path, cls: t
             assert totals[0] == pytest.approx(logged, rel=1e-6)
     assert totals[0] > 0  # the settings clip some steps
     assert totals[1] == pytest.approx(totals[0], rel=1e-6)
+
+
+def test_unitwise_plan_names_the_tensors_with_clipped_units() -> None:
+    tensors = [torch.zeros(3, 2), torch.zeros(4), torch.zeros(2, 5), torch.zeros(70000, 2)]
+    plan = UnitwisePlan(tensors)
+    clip = torch.zeros(plan.num_units, dtype=torch.bool)
+    assert plan.with_clipped_units(clip) == []
+    offsets = [sum(plan.rows[:j]) for j in range(len(plan.rows))]
+    for i in (1, 3):  # one unit of the 1-D tensor and the last unit of the big one
+        j = plan.order.index(i)
+        clip[offsets[j] + plan.rows[j] - 1] = True
+    assert sorted(plan.order[j] for j in plan.with_clipped_units(clip)) == [1, 3]

@@ -213,7 +213,9 @@ class TimmAGC(Callback):
         adaptive_clip_grad(pl_module.parameters(), clip_factor=0.02, eps=1e-3)
 
 
-def test_agc_fit_matches_timm_fit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-path", "device-path"])
+def test_agc_fit_matches_timm_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host_reads: bool) -> None:
+    monkeypatch.setattr(stats_module, "CPU_READS_ARE_FREE", host_reads)
     a = _fit(tmp_path / "a", AGC(clip_factor=0.02, exclude=[]))
     b = _fit(tmp_path / "b", TimmAGC())
     bare = _fit(tmp_path / "c", Callback())

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -189,12 +190,12 @@ def _host_total_norm(groups: dict[Any, Any]) -> float | None:
     values: list[float] = []
     for (_, dtype), ((tensors,), _) in groups.items():
         acc = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        by_shape: dict[torch.Size, list[Tensor]] = {}
+        by_shape: defaultdict[torch.Size, list[Tensor]] = defaultdict(list)
         singles: list[Tensor] = []
         for t in tensors:
-            (by_shape.setdefault(t.shape, []) if t.numel() <= _STACK_TENSOR_NUMEL else singles).append(t)
+            by_shape[t.shape].append(t)
         for same in by_shape.values():
-            if len(same) == 1:
+            if len(same) == 1 or same[0].numel() > _STACK_TENSOR_NUMEL:
                 singles += same
                 continue
             per_stack = max(1, _STACK_MAX_NUMEL // max(same[0].numel(), 1))
@@ -921,10 +922,13 @@ class _ClipCallback(StabilityCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        params = [p for p in optimizer_params(optimizer) if p.grad is not None]
-        if not params:
+        params = optimizer_params(optimizer)
+        maybe_grads = [p.grad for p in params]
+        if any(g is None for g in maybe_grads):
+            params = [p for p, g in zip(params, maybe_grads, strict=True) if g is not None]
+        grads = [g for g in maybe_grads if g is not None]
+        if not grads:
             return
-        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         decision = self._clip(params, grads, pl_module)
         self.steps += 1
         device = decision.norm_pre.device

@@ -109,7 +109,7 @@ class NonFiniteGuard(StabilityCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         params = optimizer_params(optimizer)
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [g for p in params if (g := p.grad) is not None]
         if not grads:
             return
         flag = (~torch.isfinite(total_grad_norm(grads))).float()

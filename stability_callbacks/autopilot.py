@@ -151,10 +151,10 @@ class LossSpikeDetector:
         """
         x = loss.detach().reshape(()).to(torch.float64)
         self._ensure(x.device)
-        if host_reads_are_free(x.device):
-            return self._observe_on_host(x.item())
         assert self.count is not None and self.mean is not None and self.var is not None
         assert self.history is not None
+        if host_reads_are_free(x.device):
+            return self._observe_on_host(x.item(), self.count, self.mean, self.var, self.history)
         finite = torch.isfinite(x)
         ready = self.count >= self.warmup
         xs = torch.where(finite, x, self.mean)  # a finite stand-in keeps NaN out of the arithmetic
@@ -188,19 +188,19 @@ class LossSpikeDetector:
         self.count.add_(accept.to(torch.float64))
         return spike
 
-    def _observe_on_host(self, x: float) -> Tensor:
+    def _observe_on_host(
+        self, x: float, count_t: Tensor, mean_t: Tensor, var_t: Tensor, history: Tensor
+    ) -> Tensor:
         """:meth:`observe` on the CPU, where reading the statistics is free: the same float64 arithmetic,
         branched in Python instead of masked tensor operations (the decisions are identical)."""
-        assert self.count is not None and self.mean is not None and self.var is not None
-        assert self.history is not None
-        count, mean, var = self.count.item(), self.mean.item(), self.var.item()
+        count, mean, var = count_t.item(), mean_t.item(), var_t.item()
         finite = math.isfinite(x)
         xs = x if finite else mean
         if self.mode == "zscore":
             std = max(math.sqrt(max(var, 0.0)), self.rel_std_floor * abs(mean))
             high = (xs - mean) > max(self.threshold * std, self.atol)
         else:
-            median = torch.nanmedian(self.history).item()
+            median = torch.nanmedian(history).item()
             high = xs > self.threshold * median and xs - median > self.atol
         spike = not finite or (count >= self.warmup and high)
         if not spike:
@@ -213,12 +213,12 @@ class LossSpikeDetector:
                 else:
                     new_mean = mean + (1 - self.alpha) * delta
                     new_var = self.alpha * (var + (1 - self.alpha) * delta * delta)
-                self.mean.fill_(new_mean)
-                self.var.fill_(new_var)
+                mean_t.fill_(new_mean)
+                var_t.fill_(new_var)
             else:
-                self.history[int(count % self.window)] = xs
-                self.mean.fill_(mean + delta / n1)
-            self.count.fill_(n1)
+                history[int(count % self.window)] = xs
+                mean_t.fill_(mean + delta / n1)
+            count_t.fill_(n1)
         return torch.tensor(spike)
 
     def reset(self) -> None:

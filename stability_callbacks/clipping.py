@@ -384,6 +384,17 @@ class UnitwisePlan:
             self._owner = torch.repeat_interleave(torch.arange(len(self.rows)), rows).to(clip.device)
         return torch.unique(self._owner[clip]).tolist()
 
+    def mul_(self, tensors: Sequence[Tensor], views: Sequence[Tensor], clip: Tensor) -> None:
+        """Multiply ``tensors`` (input order) in place by ``views`` (plan order, see :meth:`scale_views`),
+        whose factors are 1 outside the units set in ``clip``; on the CPU only the tensors with such a
+        unit are multiplied (:meth:`with_clipped_units`)."""
+        positions = (
+            self.with_clipped_units(clip) if host_reads_are_free(clip.device) else range(len(self.order))
+        )
+        if positions:
+            targets = [tensors[self.order[j]] for j in positions]
+            torch._foreach_mul_(targets, [views[j] for j in positions])
+
     @torch.no_grad()
     def norms(self, tensors: Sequence[Tensor]) -> Tensor:
         """Per-unit L2 norms (float32, plan order) of ``tensors`` given in input order."""
@@ -461,8 +472,7 @@ def adaptive_clip_grad_(
     w_norm = plan.norms(params)
     g_norm = plan.norms(grads)  # type: ignore[arg-type]
     scale, clip = _agc_scale(w_norm, g_norm, clip_factor, eps)
-    views = plan.scale_views(scale)
-    torch._foreach_mul_([grads[i] for i in plan.order], views)  # type: ignore[arg-type,misc]
+    plan.mul_(grads, plan.scale_views(scale), clip)  # type: ignore[arg-type]
     return _agc_decision(g_norm, scale, clip, clip_factor)
 
 
@@ -671,10 +681,10 @@ class ZScorePolicy:
         """
         norm32 = norm.detach().float().reshape(())
         self._ensure(norm32.device)
-        if host_reads_are_free(norm32.device):
-            return self._step_on_host(norm32)
         assert self.buffer is not None and self.count is not None
         assert self.mean is not None and self.var is not None
+        if host_reads_are_free(norm32.device):
+            return self._step_on_host(norm32, self.buffer, int(self.count.item()), self.mean, self.var)
         dtype = self.buffer.dtype
         x = norm32.to(dtype)
         finite = torch.isfinite(x)
@@ -743,24 +753,24 @@ class ZScorePolicy:
             finite=finite,
         )
 
-    def _step_on_host(self, norm32: Tensor) -> ClipDecision:
+    def _step_on_host(
+        self, norm32: Tensor, buffer: Tensor, count: int, mean_t: Tensor, var_t: Tensor
+    ) -> ClipDecision:
         """:meth:`step` on the CPU, where reading the state is free: the same float64 arithmetic, branched
         in Python instead of a few dozen masked tensor operations (the decisions are identical)."""
-        assert self.buffer is not None and self.count is not None
-        assert self.mean is not None and self.var is not None
         x = norm32.item()
         finite = math.isfinite(x)
-        count, mean, var = int(self.count.item()), self.mean.item(), self.var.item()
+        mean, var = mean_t.item(), var_t.item()
         cap = self.max_grad_norm
         coef, clipped = 1.0, False
         if count < self.warmup_steps:  # warm-up: only the cap clips
             threshold = math.inf if cap is None else cap
             if finite:
-                self.buffer[count] = x
+                buffer[count] = x
                 self.count = torch.tensor(count + 1)
                 if count + 1 == self.warmup_steps:  # the EMA starts from the buffer's mean and variance
-                    self.mean = self.buffer.sum() / self.warmup_steps
-                    self.var = (self.buffer - self.mean).square().sum() / self.warmup_steps
+                    init_mean = buffer.sum() / self.warmup_steps
+                    self.mean, self.var = init_mean, (buffer - init_mean).square().sum() / self.warmup_steps
                 if cap is not None:
                     coef, clipped = min(cap / (x + _CLIP_EPS), 1.0), x > cap
         else:
@@ -791,8 +801,8 @@ class ZScorePolicy:
                     new_mean = self.alpha * mean + (1 - self.alpha) * value
                     deviation = value - new_mean
                     new_var = self.alpha * var + (1 - self.alpha) * (deviation * deviation)
-                    self.mean = torch.tensor(new_mean, dtype=self.mean.dtype)
-                    self.var = torch.tensor(new_var, dtype=self.var.dtype)
+                    self.mean = torch.tensor(new_mean, dtype=mean_t.dtype)
+                    self.var = torch.tensor(new_var, dtype=var_t.dtype)
         coef_t = torch.tensor(coef, dtype=torch.float32)
         return ClipDecision(
             norm_pre=norm32,
@@ -922,13 +932,10 @@ class _ClipCallback(StabilityCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        params = optimizer_params(optimizer)
-        maybe_grads = [p.grad for p in params]
-        if any(g is None for g in maybe_grads):
-            params = [p for p, g in zip(params, maybe_grads, strict=True) if g is not None]
-        grads = [g for g in maybe_grads if g is not None]
-        if not grads:
+        params = [p for p in optimizer_params(optimizer) if p.grad is not None]
+        if not params:
             return
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         decision = self._clip(params, grads, pl_module)
         self.steps += 1
         device = decision.norm_pre.device
@@ -1316,13 +1323,7 @@ class AGC(_ClipCallback):
         clip = clip & mask
         scale = torch.where(mask, scale, torch.ones_like(scale))
         buffer.copy_(scale)
-        if host_reads_are_free(buffer.device):  # multiply only the tensors with a clipped unit
-            touched = plan.with_clipped_units(clip)
-            if touched:
-                grads_touched = [dgrads[plan.order[j]] for j in touched]
-                torch._foreach_mul_(grads_touched, [views[j] for j in touched])  # type: ignore[arg-type,misc]
-        else:
-            torch._foreach_mul_([dgrads[i] for i in plan.order], views)  # type: ignore[arg-type,misc]
+        plan.mul_(dgrads, views, clip)  # type: ignore[arg-type]
         return _agc_decision(g_norm, scale, clip, self.clip_factor)
 
     def _extra_state(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ __all__ = [
     "forward_order",
     "is_logging_step",
     "log_scalars",
+    "optimizer_grads",
     "optimizer_params",
     "tensorboard_writer",
 ]
@@ -45,6 +46,15 @@ def optimizer_params(optimizer: Optimizer) -> list[Tensor]:
         params = list({id(p): p for group in groups for p in group["params"]}.values())
         seen = _OPTIMIZER_PARAMS[optimizer] = (signature, params)
     return list(seen[1])
+
+
+def optimizer_grads(optimizer: Optimizer) -> tuple[list[Tensor], list[Tensor]]:
+    """The optimizer's parameters that have a gradient and those gradients, in the same order."""
+    params = optimizer_params(optimizer)
+    grads = [g for p in params if (g := p.grad) is not None]
+    if len(grads) < len(params):
+        params = [p for p in params if p.grad is not None]
+    return params, grads
 
 
 def tensorboard_writer(trainer: pl.Trainer) -> Any | None:

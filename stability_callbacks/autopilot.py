@@ -39,9 +39,10 @@ from stability_callbacks._trainer import (
     StabilityCallback,
     is_logging_step,
     log_scalars,
+    optimizer_grads,
     tensorboard_writer,
 )
-from stability_callbacks.clipping import AGC, AutoClip, ZClip, sharing_grad_norms
+from stability_callbacks.clipping import AGC, AutoClip, ZClip, _ClipCallback, total_grad_norm
 from stability_callbacks.guard import NonFiniteGuard
 from stability_callbacks.init import InitSwap
 from stability_callbacks.stats import host_reads_are_free
@@ -754,8 +755,7 @@ class StabilityAutopilot(StabilityCallback):
                     f"{self._window_batches} of epoch {trainer.current_epoch}, which caused an earlier "
                     "rollback.",
                 )
-        with sharing_grad_norms():  # the guard and the clipper take the total norm of the same gradients
-            self._forward("on_before_optimizer_step", trainer, pl_module, optimizer)
+        self._step_children(trainer, pl_module, optimizer)
         reinit = self.children.get("reinit")
         if isinstance(reinit, InitSwap) and reinit.applied and not self.reinit_done:
             self.reinit_done = True
@@ -774,6 +774,38 @@ class StabilityAutopilot(StabilityCallback):
             and optimizer is trainer.optimizers[-1]
         ):
             self._log(trainer)
+
+    def _step_children(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        """The children's step: the guard and a library clipper share one gathering of the gradients and
+        one total norm; any other child gets the hook as it is."""
+        guard, clipper = self.children.get("guard"), self.children.get("clipper")
+        shared = [c for c in (guard, clipper) if isinstance(c, (NonFiniteGuard, _ClipCallback))]
+        for child in self.children.values():  # in order: re-initialisation, guard, clipper
+            if child is (shared[0] if shared else None):
+                self._shared_step(trainer, pl_module, optimizer, guard, clipper)
+            elif child not in shared:
+                child.on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    @staticmethod
+    def _shared_step(
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: Optimizer,
+        guard: StabilityCallback | None,
+        clipper: StabilityCallback | None,
+    ) -> None:
+        params, grads = optimizer_grads(optimizer)
+        if not grads:
+            return
+        norm = None
+        if isinstance(guard, NonFiniteGuard):
+            norm = total_grad_norm(grads, params=params)
+            if guard._guard_step(trainer, pl_module, params, norm):
+                return  # the gradients were dropped: nothing to clip
+        if isinstance(clipper, _ClipCallback):
+            clipper._clip_step(trainer, pl_module, params, grads, norm)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

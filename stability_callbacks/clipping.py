@@ -48,9 +48,10 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import lightning.pytorch as pl
@@ -66,7 +67,7 @@ from stability_callbacks._trainer import (
     forward_order,
     is_logging_step,
     log_scalars,
-    optimizer_params,
+    optimizer_grads,
 )
 from stability_callbacks.stats import host_reads_are_free, tensor_norms, total_norm
 
@@ -86,7 +87,6 @@ __all__ = [
     "clip_grad_value_",
     "default_accumulate_dtype",
     "scale_grads_",
-    "sharing_grad_norms",
     "total_grad_norm",
     "unitwise_norms",
 ]
@@ -116,18 +116,106 @@ def _wide(device: torch.device) -> torch.dtype:
 
 _STACK_TENSOR_NUMEL = 1 << 12  # CPU total norm: tensors up to this size are stacked with their shape
 _STACK_MAX_NUMEL = 1 << 20  # ... into copies of at most this many elements
-# accumulation dtype, the gradients' ids and their version counters (in-place changes bump them)
-_MemoKey = tuple[torch.dtype | None, list[int], list[int]]
-# one memo per open sharing_grad_norms block: (key, the gradients, kept alive so ids stay theirs, norm)
-_SHARED_NORMS: list[list[tuple[_MemoKey, list[Tensor], Tensor]]] = []
+_IS_CPU = attrgetter("is_cpu")
+_IS_SPARSE = attrgetter("is_sparse")
 
 
-def total_grad_norm(grads: Sequence[Tensor], accumulate_dtype: torch.dtype | None = None) -> Tensor:
+class _HostNormPlan:
+    """How the CPU path reduces a list of tensors: which are stacked with others of their shape and dtype
+    (small ones, in copies of at most ``_STACK_MAX_NUMEL`` elements: one kernel call instead of one per
+    tensor) and which are reduced one by one. The plan only depends on the shapes and dtypes, so
+    :func:`total_grad_norm` keeps one per list of parameters: their gradients have their shapes.
+    """
+
+    __slots__ = ("singles", "stacks")
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        by_kind: defaultdict[tuple[torch.Size, torch.dtype], list[int]] = defaultdict(list)
+        for i, t in enumerate(tensors):
+            by_kind[t.shape, t.dtype].append(i)
+        self.stacks: list[itemgetter[Any]] = []
+        singles: list[int] = []
+        for (shape, _), indices in by_kind.items():
+            numel = math.prod(shape)
+            if numel > _STACK_TENSOR_NUMEL:
+                singles += indices
+                continue
+            per_stack = max(1, _STACK_MAX_NUMEL // max(numel, 1))
+            for start in range(0, len(indices), per_stack):
+                chunk = indices[start : start + per_stack]
+                if len(chunk) == 1:
+                    singles += chunk
+                else:
+                    self.stacks.append(itemgetter(*chunk))
+        self.singles = singles
+
+    def norm(self, tensors: Sequence[Tensor]) -> float | None:
+        """The total norm of dense CPU tensors: float32 norms read and combined in double precision.
+
+        ``None`` when a norm came out non-finite (an overflow to redo in float64, or a NaN/inf). Raises
+        :class:`_NotPlanned` (or the ``RuntimeError`` of a failed stack or norm) when the tensors do not
+        fit the plan: a sparse or non-CPU tensor, or tensors of one stack that no longer share a shape.
+        The checks look at each stack's result, not at every tensor.
+        """
+        values: list[float] = []
+        for take in self.stacks:
+            stacked = torch.stack(take(tensors))
+            if not stacked.is_cpu:  # (a stack of sparse tensors fails below: vector_norm takes no dtype)
+                raise _NotPlanned
+            values.append(torch.linalg.vector_norm(stacked, dtype=_host_accumulate(stacked.dtype)).item())
+        if self.singles:
+            singles: list[Tensor | None] = [tensors[i] for i in self.singles]
+            for (device, dtype), ((group,), _) in _group_tensors_by_device_and_dtype([singles]).items():
+                if device.type != "cpu" or any(map(_IS_SPARSE, group)):
+                    raise _NotPlanned
+                acc = _host_accumulate(dtype)
+                if acc == dtype:
+                    norms = torch._foreach_norm(group, 2.0)  # type: ignore[arg-type]
+                else:
+                    norms = torch._foreach_norm(group, 2.0, dtype=acc)  # type: ignore[arg-type]
+                values += [n.item() for n in norms]
+        total = math.hypot(*values)
+        return total if math.isfinite(total) else None
+
+
+class _NotPlanned(Exception):
+    """The tensors do not fit a :class:`_HostNormPlan`."""
+
+
+def _host_accumulate(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+# parameter ids -> their plan (None: their gradients once did not fit it), for the few parameter lists
+# a run clips
+_HOST_PLANS: dict[tuple[int, ...], _HostNormPlan | None] = {}
+_MAX_HOST_PLANS = 16
+
+
+def _host_plan(key: tuple[int, ...], params: Sequence[Tensor]) -> _HostNormPlan | None:
+    if key not in _HOST_PLANS:
+        if len(_HOST_PLANS) >= _MAX_HOST_PLANS:
+            del _HOST_PLANS[next(iter(_HOST_PLANS))]
+        _HOST_PLANS[key] = _HostNormPlan(params)
+    return _HOST_PLANS[key]
+
+
+def _host_result(grads: list[Tensor], total: float | None) -> Tensor:
+    if total is not None:
+        return torch.tensor(total, dtype=torch.float32)
+    per_tensor = tensor_norms(grads)  # float32, with the tensors whose norm overflowed in float64
+    return torch.linalg.vector_norm(per_tensor.to(torch.float64)).float()
+
+
+def total_grad_norm(
+    grads: Sequence[Tensor],
+    accumulate_dtype: torch.dtype | None = None,
+    params: Sequence[Tensor] | None = None,
+) -> Tensor:
     """L2 norm of all tensors taken together, as a 0-d float32 tensor, without a host sync.
 
     One fused ``torch._foreach_norm`` per device and dtype; the per-tensor norms are combined in float64
-    where the device supports it. Inside :func:`sharing_grad_norms` the norm of the same, unmodified
-    gradients is computed once.
+    where the device supports it.
 
     Args:
         grads: the gradients (dense or sparse; no ``None``).
@@ -136,37 +224,34 @@ def total_grad_norm(grads: Sequence[Tensor], accumulate_dtype: torch.dtype | Non
             reading a value costs no sync: there the norms accumulate in float32 and are combined in
             double precision on the host, and the tensors whose norm overflowed are redone in float64
             (see :func:`~stability_callbacks.stats.tensor_norms`).
+        params: the parameters whose gradients ``grads`` are, in the same order. On the CPU, where a
+            total norm over hundreds of small gradients costs Python rather than arithmetic, the
+            grouping of the gradients by shape is then worked out once per parameter list and reused.
     """
     grads = list(grads)
     if not grads:
         return torch.zeros(())
-    memo = _SHARED_NORMS[-1] if _SHARED_NORMS else None
-    if memo is not None:
-        key: _MemoKey = (accumulate_dtype, list(map(id, grads)), [g._version for g in grads])
-        for seen, _, norm in memo:
-            if seen == key:
-                return norm
-    norm = _total_grad_norm(grads, accumulate_dtype)
-    if memo is not None:
-        memo.append((key, grads, norm))
-    return norm
-
-
-def _total_grad_norm(grads: list[Tensor], accumulate_dtype: torch.dtype | None) -> Tensor:
-    out_device = grads[0].device
-    if any(g.is_sparse for g in grads):
-        if accumulate_dtype is None and all(host_reads_are_free(g.device) for g in grads):
+    if params is not None and len(params) != len(grads):
+        raise ValueError(f"`params` has {len(params)} tensors for {len(grads)} gradients")
+    host = accumulate_dtype is None and host_reads_are_free(grads[0].device)
+    if host and params is not None:  # the common case first: the plan checks what it stacks
+        key = tuple(map(id, params))
+        plan = _host_plan(key, params)
+        try:
+            if plan is not None:
+                return _host_result(grads, plan.norm(grads))
+        except (_NotPlanned, RuntimeError):  # sparse or moved gradients, or a parameter changed shape:
+            _HOST_PLANS[key] = None  # checked from now on
+    if any(map(_IS_SPARSE, grads)):
+        if host and all(host_reads_are_free(g.device) for g in grads):
             return torch.linalg.vector_norm(tensor_norms(grads).to(torch.float64)).float()
-        acc = accumulate_dtype or default_accumulate_dtype(out_device)
+        acc = accumulate_dtype or default_accumulate_dtype(grads[0].device)
         return total_norm(grads, 2.0, accumulate_dtype=acc)
-    groups = _group_tensors_by_device_and_dtype([grads])  # type: ignore[list-item]
-    if accumulate_dtype is None and all(host_reads_are_free(device) for device, _ in groups):
-        total = _host_total_norm(groups)
-        if total is not None:
-            return torch.tensor(total, dtype=torch.float32)
-        per_tensor = tensor_norms(grads)  # float32, with the tensors whose norm overflowed in float64
-        return torch.linalg.vector_norm(per_tensor.to(torch.float64)).float()
+    if host and all(map(_IS_CPU, grads)):
+        return _host_result(grads, _HostNormPlan(grads).norm(grads))
+    out_device = grads[0].device
     parts: list[Tensor] = []
+    groups = _group_tensors_by_device_and_dtype([grads])  # type: ignore[list-item]
     for (device, dtype), ((tensors,), _) in groups.items():
         acc = torch.promote_types(accumulate_dtype or default_accumulate_dtype(device), dtype)
         if acc == dtype:
@@ -176,55 +261,6 @@ def _total_grad_norm(grads: list[Tensor], accumulate_dtype: torch.dtype | None) 
         parts.append(torch.stack(norms).to(out_device))
     per_tensor = parts[0] if len(parts) == 1 else torch.cat([p.float() for p in parts])
     return torch.linalg.vector_norm(per_tensor.to(_wide(out_device))).float()
-
-
-def _host_total_norm(groups: dict[Any, Any]) -> float | None:
-    """Total norm of CPU tensors: float32 norms read and combined in double precision.
-
-    ``None`` when a norm came out non-finite (an overflow to redo in float64, or a NaN/inf). Small
-    tensors of one shape (the biases and norm weights of a deep stack) are stacked and reduced together,
-    a few copies of at most ``_STACK_MAX_NUMEL`` elements instead of one kernel call each; the others
-    take one fused ``torch._foreach_norm``. Reading the norms and combining them with ``math.hypot``
-    costs less than stacking them into a tensor for another reduction.
-    """
-    values: list[float] = []
-    for (_, dtype), ((tensors,), _) in groups.items():
-        acc = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        by_shape: defaultdict[torch.Size, list[Tensor]] = defaultdict(list)
-        singles: list[Tensor] = []
-        for t in tensors:
-            by_shape[t.shape].append(t)
-        for same in by_shape.values():
-            if len(same) == 1 or same[0].numel() > _STACK_TENSOR_NUMEL:
-                singles += same
-                continue
-            per_stack = max(1, _STACK_MAX_NUMEL // max(same[0].numel(), 1))
-            for start in range(0, len(same), per_stack):
-                stacked = torch.stack(same[start : start + per_stack])
-                values.append(torch.linalg.vector_norm(stacked, dtype=acc).item())
-        if singles:
-            if acc == dtype:
-                norms = torch._foreach_norm(singles, 2.0)
-            else:
-                norms = torch._foreach_norm(singles, 2.0, dtype=acc)
-            values += [n.item() for n in norms]
-    total = math.hypot(*values)
-    return total if math.isfinite(total) else None
-
-
-@contextmanager
-def sharing_grad_norms() -> Iterator[None]:
-    """Within this block, :func:`total_grad_norm` of the same gradients is computed once.
-
-    For callbacks run one after another on the same optimizer step (a guard, then a clipper): the
-    second call returns the first one's norm as long as it gets the same tensors and none was changed in
-    place in between (their version counters say so). Nothing is kept after the block.
-    """
-    _SHARED_NORMS.append([])
-    try:
-        yield
-    finally:
-        _SHARED_NORMS.pop()
 
 
 def clip_coefficient(total: Tensor, max_norm: Tensor | float, eps: float = _CLIP_EPS) -> Tensor:
@@ -887,6 +923,10 @@ def _is_number(value: Any) -> bool:
 _AGCPlan = tuple[UnitwisePlan, Tensor, list[Tensor], Tensor]  # plan, clip mask, scale views, scale buffer
 
 
+def _norm_of(grads: list[Tensor], params: list[Tensor], norm: Tensor | None) -> Tensor:
+    return norm if norm is not None else total_grad_norm(grads, params=params)
+
+
 class _ClipCallback(StabilityCallback):
     """Shared plumbing of the clipping callbacks: checks, gradient gathering, counters, logging, state."""
 
@@ -926,17 +966,29 @@ class _ClipCallback(StabilityCallback):
 
     # -- the step --------------------------------------------------------------------------------------
 
-    def _clip(self, params: list[Tensor], grads: list[Tensor], pl_module: pl.LightningModule) -> ClipDecision:
+    def _clip(
+        self, params: list[Tensor], grads: list[Tensor], pl_module: pl.LightningModule, norm: Tensor | None
+    ) -> ClipDecision:
+        """Clip ``grads`` (those of ``params``) in place; ``norm`` is their total norm when known."""
         raise NotImplementedError
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        params = [p for p in optimizer_params(optimizer) if p.grad is not None]
-        if not params:
-            return
-        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
-        decision = self._clip(params, grads, pl_module)
+        params, grads = optimizer_grads(optimizer)
+        if grads:
+            self._clip_step(trainer, pl_module, params, grads)
+
+    def _clip_step(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        params: list[Tensor],
+        grads: list[Tensor],
+        norm: Tensor | None = None,
+    ) -> None:
+        """The step on gathered gradients (a composing callback passes the total norm it already has)."""
+        decision = self._clip(params, grads, pl_module, norm)
         self.steps += 1
         device = decision.norm_pre.device
         if self._clipped is None or self._skipped is None:
@@ -1031,8 +1083,10 @@ class NormClip(_ClipCallback):
     def _key_args(self) -> dict[str, Any]:
         return {"max_norm": self.max_norm}
 
-    def _clip(self, params: list[Tensor], grads: list[Tensor], pl_module: pl.LightningModule) -> ClipDecision:
-        return clip_grad_norm_to(grads, self.max_norm)
+    def _clip(
+        self, params: list[Tensor], grads: list[Tensor], pl_module: pl.LightningModule, norm: Tensor | None
+    ) -> ClipDecision:
+        return clip_grad_norm_to(grads, self.max_norm, total=_norm_of(grads, params, norm))
 
 
 class ValueClip(_ClipCallback):
@@ -1064,7 +1118,9 @@ class ValueClip(_ClipCallback):
     def _key_args(self) -> dict[str, Any]:
         return {"max_value": self.max_value}
 
-    def _clip(self, params: list[Tensor], grads: list[Tensor], pl_module: pl.LightningModule) -> ClipDecision:
+    def _clip(
+        self, params: list[Tensor], grads: list[Tensor], pl_module: pl.LightningModule, norm: Tensor | None
+    ) -> ClipDecision:
         for p in params:
             if p.grad is not None and p.grad.is_sparse and not p.grad.is_coalesced():
                 p.grad = p.grad.coalesce()
@@ -1072,9 +1128,9 @@ class ValueClip(_ClipCallback):
         device = grads[0].device
         # Two fused L2 passes on every step, so that the counters count every step: a clamped value
         # lowers the norm (a max-abs pass instead would be several times slower on CPU).
-        pre = total_grad_norm(grads)
+        pre = total_grad_norm(grads, params=params)
         clip_grad_value_(grads, self.max_value)
-        post = total_grad_norm(grads)
+        post = total_grad_norm(grads, params=params)
         finite = torch.isfinite(pre)
         return ClipDecision(
             norm_pre=pre,
@@ -1121,8 +1177,10 @@ class AutoClip(_ClipCallback):
         p = self.policy
         return {"percentile": p.percentile, "history": p.history, "include_current": p.include_current}
 
-    def _clip(self, params: list[Tensor], grads: list[Tensor], pl_module: pl.LightningModule) -> ClipDecision:
-        norm = total_grad_norm(grads)
+    def _clip(
+        self, params: list[Tensor], grads: list[Tensor], pl_module: pl.LightningModule, norm: Tensor | None
+    ) -> ClipDecision:
+        norm = _norm_of(grads, params, norm)
         return clip_grad_norm_to(grads, self.policy.step(norm), total=norm)
 
     def _extra_state(self) -> dict[str, Any]:
@@ -1198,8 +1256,10 @@ class ZClip(_ClipCallback):
             "skip_update_on_spike": p.skip_update_on_spike,
         }
 
-    def _clip(self, params: list[Tensor], grads: list[Tensor], pl_module: pl.LightningModule) -> ClipDecision:
-        decision = self.policy.step(total_grad_norm(grads))
+    def _clip(
+        self, params: list[Tensor], grads: list[Tensor], pl_module: pl.LightningModule, norm: Tensor | None
+    ) -> ClipDecision:
+        decision = self.policy.step(_norm_of(grads, params, norm))
         scale_grads_(grads, decision.coef)
         return decision
 
@@ -1309,7 +1369,9 @@ class AGC(_ClipCallback):
             self._cache_plan[key] = (plan, mask, plan.scale_views(buffer), buffer)
         return self._cache_plan[key]
 
-    def _clip(self, params: list[Tensor], grads: list[Tensor], pl_module: pl.LightningModule) -> ClipDecision:
+    def _clip(
+        self, params: list[Tensor], grads: list[Tensor], pl_module: pl.LightningModule, norm: Tensor | None
+    ) -> ClipDecision:
         self._close_order(pl_module)  # the forward pass of the first step has run
         dense = [p for p in params if not p.grad.is_sparse]  # type: ignore[union-attr]
         if not dense:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from stability_callbacks._trainer import StabilityCallback, is_logging_step, log_scalars, optimizer_params
+from stability_callbacks._trainer import StabilityCallback, is_logging_step, log_scalars, optimizer_grads
 from stability_callbacks.clipping import ValueClip, total_grad_norm
 from stability_callbacks.stats import nonfinite_counts
 
@@ -108,13 +108,18 @@ class NonFiniteGuard(StabilityCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        params = optimizer_params(optimizer)
-        grads = [g for p in params if (g := p.grad) is not None]
-        if not grads:
-            return
-        flag = (~torch.isfinite(total_grad_norm(grads))).float()
+        params, grads = optimizer_grads(optimizer)
+        if grads:
+            self._guard_step(trainer, pl_module, params, total_grad_norm(grads, params=params))
+
+    def _guard_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], norm: Tensor
+    ) -> bool:
+        """The step on gathered gradients whose total norm is ``norm``; whether it was skipped."""
+        flag = (~torch.isfinite(norm)).float()
         flag = trainer.strategy.reduce(flag, reduce_op="sum")  # every rank sees every rank's flag
         bad = bool(flag.item() > 0)
+        dropped = False
         if bad:
             self.consecutive += 1
             scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -137,6 +142,7 @@ class NonFiniteGuard(StabilityCallback):
                 for p in params:
                     p.grad = None  # the optimizer leaves the parameter and its state alone
                 self.skipped += 1
+                dropped = True
         else:
             self.consecutive = 0
         every: int = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 0
@@ -145,6 +151,7 @@ class NonFiniteGuard(StabilityCallback):
                 trainer,
                 {"guard/nonfinite": float(bad), "guard/skipped": float(self.skipped + self.scaler_skipped)},
             )
+        return dropped
 
     def _check_consecutive(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor]

@@ -16,7 +16,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tb_events import load_events, scalars
 from torch import Tensor, nn
 
+from stability_callbacks import autopilot as autopilot_module
 from stability_callbacks import clipping as clipping_module
+from stability_callbacks import guard as guard_module
 from stability_callbacks import stats as stats_module
 from stability_callbacks.autopilot import (
     LossSpikeDetector,
@@ -458,20 +460,24 @@ def test_children_act(tmp_path: Path) -> None:
 
 def test_guard_and_clipper_share_one_norm_per_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     computed: list[float] = []
-    inner = clipping_module._total_grad_norm
+    inner = clipping_module.total_grad_norm
 
-    def counted(grads: list[Tensor], accumulate_dtype: torch.dtype | None) -> Tensor:
-        norm = inner(grads, accumulate_dtype)
+    def counted(*args: Any, **kwargs: Any) -> Tensor:
+        norm = inner(*args, **kwargs)
         computed.append(norm.item())
         return norm
 
-    monkeypatch.setattr(clipping_module, "_total_grad_norm", counted)
+    for module in (clipping_module, autopilot_module, guard_module):
+        monkeypatch.setattr(module, "total_grad_norm", counted)
     ap = StabilityAutopilot(clipper=ZClip(warmup_steps=2), reinit=False, verbose=False)
     _fit(tmp_path, TroubleMLP(), ap, steps=6)
     clipper = ap.children["clipper"]
     assert isinstance(clipper, ZClip) and clipper.steps == 6
     assert len(computed) == 6  # the guard's norm, reused by ZClip: one pass over the gradients a step
     assert all(math.isfinite(n) and n > 0 for n in computed)
+    alone = StabilityAutopilot(clipper=ZClip(warmup_steps=2), reinit=False, guard=False, verbose=False)
+    _fit(tmp_path, TroubleMLP(), alone, steps=3)
+    assert len(computed) == 9  # without the guard the clipper takes the norm itself
 
 
 @pytest.mark.parametrize(

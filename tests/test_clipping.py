@@ -34,7 +34,6 @@ from stability_callbacks.clipping import (
     check_clipping_setup,
     clip_grad_norm_to,
     clip_grad_value_,
-    sharing_grad_norms,
     total_grad_norm,
     unitwise_norms,
 )
@@ -109,20 +108,61 @@ def test_total_grad_norm_of_many_small_tensors_stacked_by_shape(monkeypatch: pyt
     assert math.isnan(total_grad_norm(with_nan).item())
 
 
-def test_sharing_grad_norms_computes_the_norm_of_unchanged_gradients_once() -> None:
-    grads = [torch.tensor([3.0]), torch.tensor([[4.0]])]
-    with sharing_grad_norms():
-        first = total_grad_norm(grads)
-        assert total_grad_norm(list(grads)) is first  # same tensors, unchanged: the same result
-        assert total_grad_norm(grads[:1]).item() == 3.0  # other tensors: computed
-        assert total_grad_norm(grads, torch.float64) is not first  # another accumulation: computed
-        grads[0].mul_(2.0)  # changed in place: computed again
-        assert total_grad_norm(grads).item() == pytest.approx(math.hypot(6.0, 4.0))
-        replaced = [torch.tensor([3.0]), grads[1]]  # equal values, another tensor: computed
-        assert total_grad_norm(replaced) is not first
-    assert first.item() == 5.0
-    again = total_grad_norm(grads)
-    assert total_grad_norm(grads) is not again  # outside the block nothing is kept
+def _naive_norm(grads: list[Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.cat([g.to_dense().flatten().double() for g in grads])))
+
+
+def test_total_grad_norm_with_params_remembers_the_grouping_and_survives_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(clipping_module, "_STACK_MAX_NUMEL", 16)
+    monkeypatch.setattr(clipping_module, "_HOST_PLANS", {})
+    torch.manual_seed(0)
+    params = [torch.zeros(7) for _ in range(5)] + [torch.zeros(3, 3).half() for _ in range(3)]
+    params += [torch.zeros(5000), torch.zeros(3), torch.zeros(2, 2).double(), torch.zeros(2, 2).double()]
+
+    def grads() -> list[Tensor]:
+        return [torch.randn(p.shape).to(p.dtype) for p in params]
+
+    g = grads()
+    assert total_grad_norm(g, params=params).item() == pytest.approx(_naive_norm(g), rel=1e-6)
+    key = tuple(map(id, params))
+    plan = clipping_module._HOST_PLANS[key]
+    assert plan is not None  # pairs of 7 elements (the fifth alone), the 2x2 pair; 3x3 halves are alone
+    assert [take(range(12)) for take in plan.stacks] == [(0, 1), (2, 3), (10, 11)]
+    assert sorted(plan.singles) == [4, 5, 6, 7, 8, 9]
+    g = grads()
+    assert total_grad_norm(g, params=params).item() == pytest.approx(_naive_norm(g), rel=1e-6)
+    assert clipping_module._HOST_PLANS[key] is plan  # the same list of parameters: the same plan
+    huge = [
+        torch.full(p.shape, 1e30).to(p.dtype) if p.dtype == torch.float32 else torch.zeros_like(p)
+        for p in params
+    ]
+    assert total_grad_norm(huge, params=params).item() == pytest.approx(_naive_norm(huge), rel=1e-6)
+    g[0] = torch.tensor([float("nan")] * 7)
+    assert math.isnan(total_grad_norm(g, params=params).item())
+    with pytest.raises(ValueError, match="params"):
+        total_grad_norm(g[:-1], params=params)
+
+    # gradients that no longer fit the plan: that parameter list takes the checked path from then on
+    params[0].data = torch.zeros(8)  # a tensor of a stack changes shape under the same id
+    g = grads()
+    assert total_grad_norm(g, params=params).item() == pytest.approx(_naive_norm(g), rel=1e-6)
+    assert clipping_module._HOST_PLANS[key] is None
+    g = grads()
+    assert total_grad_norm(g, params=params).item() == pytest.approx(_naive_norm(g), rel=1e-6)
+    for where in ((3,), (2, 3), (8,)):  # sparse gradients in a stack with dense ones, a whole stack, alone
+        params = [torch.zeros_like(p) for p in params]
+        key = tuple(map(id, params))
+        g = grads()
+        total_grad_norm(g, params=params)
+        assert clipping_module._HOST_PLANS[key] is not None
+        for i in where:
+            g[i] = g[i].to_sparse()
+        if 3 in where:
+            g[3] = torch.sparse_coo_tensor([[0, 0, 2]], [3.0, 1.0, 0.0], (7,))  # duplicate index: 3 + 1
+        assert total_grad_norm(g, params=params).item() == pytest.approx(_naive_norm(g), rel=1e-6)
+        assert clipping_module._HOST_PLANS[key] is None
 
 
 def test_unitwise_norms_by_hand() -> None:

@@ -155,7 +155,9 @@ class LossSpikeDetector:
         assert self.count is not None and self.mean is not None and self.var is not None
         assert self.history is not None
         if host_reads_are_free(x.device):
-            return self._observe_on_host(x.item(), self.count, self.mean, self.var, self.history)
+            return torch.tensor(
+                self._observe_on_host(x.item(), self.count, self.mean, self.var, self.history)
+            )
         finite = torch.isfinite(x)
         ready = self.count >= self.warmup
         xs = torch.where(finite, x, self.mean)  # a finite stand-in keeps NaN out of the arithmetic
@@ -189,9 +191,17 @@ class LossSpikeDetector:
         self.count.add_(accept.to(torch.float64))
         return spike
 
+    def observe_value(self, loss: float) -> bool:
+        """:meth:`observe` for a loss already read on the host, with the statistics on the CPU: the same
+        decision, returned as a ``bool``."""
+        self._ensure(torch.device("cpu"))
+        assert self.count is not None and self.mean is not None and self.var is not None
+        assert self.history is not None
+        return self._observe_on_host(float(loss), self.count, self.mean, self.var, self.history)
+
     def _observe_on_host(
         self, x: float, count_t: Tensor, mean_t: Tensor, var_t: Tensor, history: Tensor
-    ) -> Tensor:
+    ) -> bool:
         """:meth:`observe` on the CPU, where reading the statistics is free: the same float64 arithmetic,
         branched in Python instead of masked tensor operations (the decisions are identical)."""
         count, mean, var = count_t.item(), mean_t.item(), var_t.item()
@@ -220,7 +230,7 @@ class LossSpikeDetector:
                 history[int(count % self.window)] = xs
                 mean_t.fill_(mean + delta / n1)
             count_t.fill_(n1)
-        return torch.tensor(spike)
+        return spike
 
     def reset(self) -> None:
         """Forget the statistics (warm-up starts again)."""
@@ -587,7 +597,7 @@ class StabilityAutopilot(StabilityCallback):
         self._step_depth: dict[int, int] = {}
         self._window_open = False
         self._window_batches: list[int] = []
-        self._window_loss: Tensor | None = None
+        self._window_loss: Tensor | float | None = None  # summed over the micro-batches of a step
         self._stepped = False
         self._skip_window = False
         self._trouble_batches: list[tuple[int, int]] = []
@@ -815,8 +825,11 @@ class StabilityAutopilot(StabilityCallback):
         if self.rollback:
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             if isinstance(loss, Tensor):
-                loss = loss.detach().reshape(()).float()
-                self._window_loss = loss if self._window_loss is None else self._window_loss + loss
+                # on one CPU process, where reads are free, the loss is read as it comes and judged in Python
+                value = (
+                    loss.item() if self._judge_on_host(trainer, loss) else loss.detach().reshape(()).float()
+                )
+                self._window_loss = value if self._window_loss is None else self._window_loss + value
             elif not self._warned_no_loss:
                 self._warned_no_loss = True
                 rank_zero_warn(
@@ -833,8 +846,12 @@ class StabilityAutopilot(StabilityCallback):
             return
         spike = False
         if self._window_loss is not None and not self._skip_window:  # a skipped known-bad batch is not judged
-            flag = self.detector.observe(self._window_loss / len(self._window_batches)).float()
-            spike = bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)  # the one read a step
+            loss = self._window_loss / len(self._window_batches)
+            if isinstance(loss, Tensor):
+                flag = self.detector.observe(loss).float()
+                spike = bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)  # every rank's
+            else:
+                spike = self.detector.observe_value(loss)
         guard = self.children.get("guard")
         consecutive = guard.consecutive if isinstance(guard, NonFiniteGuard) else 0
         if consecutive:
@@ -851,6 +868,10 @@ class StabilityAutopilot(StabilityCallback):
                 f"{self._trouble_start}-{step})"
             )
             self._roll_back(trainer, pl_module, self._trouble_start, self._trouble_batches, why)
+
+    @staticmethod
+    def _judge_on_host(trainer: pl.Trainer, loss: Tensor) -> bool:
+        return trainer.world_size == 1 and host_reads_are_free(loss.device)
 
     def _roll_back(
         self,

@@ -14,6 +14,7 @@ rate scheduler and ``trainer.global_step`` still advance, as they do for a step 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,7 +25,7 @@ from torch.optim import Optimizer
 
 from stability_callbacks._trainer import StabilityCallback, is_logging_step, log_scalars, optimizer_grads
 from stability_callbacks.clipping import ValueClip, total_grad_norm
-from stability_callbacks.stats import nonfinite_counts
+from stability_callbacks.stats import host_reads_are_free, nonfinite_counts
 
 __all__ = ["NonFiniteGradientError", "NonFiniteGuard"]
 
@@ -116,9 +117,12 @@ class NonFiniteGuard(StabilityCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], norm: Tensor
     ) -> bool:
         """The step on gathered gradients whose total norm is ``norm``; whether it was skipped."""
-        flag = (~torch.isfinite(norm)).float()
-        flag = trainer.strategy.reduce(flag, reduce_op="sum")  # every rank sees every rank's flag
-        bad = bool(flag.item() > 0)
+        if trainer.world_size == 1 and host_reads_are_free(norm.device):
+            bad = not math.isfinite(norm.item())
+        else:
+            flag = (~torch.isfinite(norm)).float()
+            flag = trainer.strategy.reduce(flag, reduce_op="sum")  # every rank sees every rank's flag
+            bad = bool(flag.item() > 0)
         dropped = False
         if bad:
             self.consecutive += 1

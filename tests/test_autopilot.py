@@ -229,17 +229,19 @@ def test_detector_host_path_makes_the_device_paths_decisions(
     g = torch.Generator().manual_seed(2)
     losses = [2.0, math.nan, 2.0, 2.0, 2.0, 2.0, 2.0, 9.0, math.inf, 1.0]
     losses += [*(1.0 + torch.rand(40, generator=g)).tolist(), 8.0, 1.2, 30.0, math.nan, 1.1]
-    host, device = LossSpikeDetector(**config), LossSpikeDetector(**config)
+    host, device, floats = (LossSpikeDetector(**config) for _ in range(3))
     flags = []
     for loss in losses:
         monkeypatch.setattr(stats_module, "CPU_READS_ARE_FREE", True)
         a = host.observe(torch.tensor(loss))
+        c = floats.observe_value(torch.tensor(loss).item())  # a float32 loss read on the host
         monkeypatch.setattr(stats_module, "CPU_READS_ARE_FREE", False)
         b = device.observe(torch.tensor(loss))
         assert a.dtype == b.dtype == torch.bool and a.shape == b.shape == ()
-        assert bool(a) == bool(b)
+        assert bool(a) == bool(b) == c and isinstance(c, bool)
         for key, value in host.state_dict().items():
             torch.testing.assert_close(value, device.state_dict()[key], rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(value, floats.state_dict()[key], rtol=0, atol=0, equal_nan=True)
         flags.append(bool(a))
     assert 4 <= sum(flags) < len(flags) // 2
 

@@ -66,7 +66,7 @@ BENCHMARKS = [
         "autopilot",
         "StabilityAutopilot when nothing goes wrong, and one snapshot",
         "autopilot_overhead.py",
-        ("--repeats", "3"),
+        ("--repeats", "5"),
     ),
     Benchmark(
         "scaling",

@@ -24,7 +24,8 @@ finite is left untouched (coefficient 1): it belongs to AMP's GradScaler or to :
 On the CPU itself, where reading a value costs no synchronisation, the same decisions are taken
 faster: norms of float32 gradients accumulate in float32 (float64 accumulation is several times slower
 there) and the tensors whose norm overflowed are redone in float64; small tensors of one shape are
-stacked and reduced together; :class:`ZScorePolicy` branches in Python floats instead of a few dozen
+stacked and reduced together, grouped once per list of parameters when :func:`total_grad_norm` is
+given them; :class:`ZScorePolicy` branches in Python floats instead of a few dozen
 masked tensor operations; a coefficient of exactly 1 is not applied. On accelerators the per-tensor
 norms accumulate in float64 (float32 where the device has no float64).
 
@@ -37,8 +38,9 @@ which step). Call layer 1 yourself between ``manual_backward`` and ``opt.step()`
     policy = PercentilePolicy(percentile=10.0)          # in __init__
     ...
     self.manual_backward(loss)
-    grads = [p.grad for p in self.parameters() if p.grad is not None]
-    norm = total_grad_norm(grads)
+    params = [p for p in self.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    norm = total_grad_norm(grads, params=params)
     clip_grad_norm_to(grads, policy.step(norm), total=norm)
     opt.step()
 """

@@ -368,6 +368,43 @@ class Manual(MLPModule):
         return loss
 
 
+class ManualClipped(Manual):
+    """The manual-optimization recipe of the clipping module's docstring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.policy = PercentilePolicy(percentile=10.0)
+        self.seen: list[tuple[float, float, float, float]] = []  # torch's norm, ours, threshold, after
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.manual_backward(loss)
+        params = [p for p in self.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        reference = float(torch.nn.utils.get_total_norm(grads))  # type: ignore[arg-type]
+        norm = total_grad_norm(grads, params=params)  # type: ignore[arg-type]
+        decision = clip_grad_norm_to(grads, self.policy.step(norm), total=norm)  # type: ignore[arg-type]
+        after = float(torch.nn.utils.get_total_norm(grads))  # type: ignore[arg-type]
+        self.seen.append((reference, norm.item(), decision.threshold.item(), after))
+        opt.step()  # type: ignore[union-attr]
+        opt.zero_grad()  # type: ignore[union-attr]
+        return loss
+
+
+def test_layer_one_under_manual_optimization(tmp_path: Path) -> None:
+    module = ManualClipped()
+    make_trainer(tmp_path, max_steps=6).fit(module, make_loader())
+    assert len(module.seen) >= 4
+    for reference, norm, threshold, after in module.seen:
+        assert norm == pytest.approx(reference, rel=1e-5)
+        assert after == pytest.approx(min(norm, threshold), rel=1e-4)
+    assert (
+        sum(after < norm * (1 - 1e-3) for _, norm, _, after in module.seen) >= 3
+    )  # the 10th percentile clips
+
+
 def test_error_under_manual_optimization(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, max_steps=1, callbacks=[ZClip()])
     with pytest.raises(MisconfigurationException, match="manual_backward"):

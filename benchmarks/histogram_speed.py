@@ -39,9 +39,8 @@ from torch.utils.tensorboard import SummaryWriter
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MODELS, machine, run_table, time_fit_and_hooks
 
+from stability_callbacks.histogram_math import _CHUNK_ACCELERATOR, _CHUNK_CPU
 from stability_callbacks.histograms import (
-    _CHUNK_ACCELERATOR,
-    _CHUNK_CPU,
     HistogramLogger,
     grad_flow_image,
     histogram_stats,
@@ -154,12 +153,13 @@ def histogram_step_table(reps: int, bins: int, device: torch.device) -> tuple[st
         med = statistics.median(times[name])
         kib, per_value = mem[name] / 1024, mem[name] / bound
         lines.append(f"| {name} | {med * 1e3:.1f} | {base / med:.1f}x | {kib:.0f} | {per_value:.1f} |")
-    chunk = min(_CHUNK_CPU if device.type == "cpu" else _CHUNK_ACCELERATOR, max(t.numel() for t in tensors))
+    cpu = device.type == "cpu"
+    chunk = min(_CHUNK_CPU if cpu else _CHUNK_ACCELERATOR, max(t.numel() for t in tensors))
+    buffers = "two float32 and one int32 buffer" if cpu else "two float32 buffers"
     lines += [
         "",
         f"scratch buffers of our path (torch allocator, not in tracemalloc): at most "
-        f"{(2 * 4 + 2 * 2) * chunk / 2**20:.1f} MiB (on CPU two float32 and two int16 buffers of one "
-        f"chunk of {chunk} values)",
+        f"{(2 * 4 + (4 if cpu else 0)) * chunk / 2**20:.1f} MiB ({buffers} of one chunk of {chunk} values)",
     ]
     picture = statistics.median(time_picture(tensors, reps))
     lines.append(

@@ -1,51 +1,43 @@
-"""Helpers every callback shares: parameters, loggers, cadence, flushing, forward order."""
+"""Helpers every callback shares: parameters, loggers, cadence, flushing, strategy checks, forward order."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 __all__ = [
+    "ForwardOrder",
     "StabilityCallback",
+    "UnsupportedStrategyError",
+    "check_reads_before_modifiers",
     "flush_loggers",
     "forward_order",
     "is_logging_step",
+    "log_every",
     "log_scalars",
     "optimizer_grads",
     "optimizer_params",
+    "refuse_sharded",
     "tensorboard_writer",
 ]
 
-
-# optimizer -> (the (id, length) of each param group's list, its parameters once each)
-_OPTIMIZER_PARAMS: WeakKeyDictionary[Optimizer, tuple[tuple[tuple[int, int], ...], list[Tensor]]] = (
-    WeakKeyDictionary()
-)
+DEFAULT_LOG_EVERY_N_STEPS = 50  # Lightning's own default
+_SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 def optimizer_params(optimizer: Optimizer) -> list[Tensor]:
-    """Every parameter the optimizer updates, once each, in param-group order (a new list).
-
-    Remembered per optimizer as long as each param group keeps the same list of parameters at the same
-    length, so per-step callers do not deduplicate thousands of parameters every step;
-    ``add_param_group`` or a group given a new list is seen at the next call.
-    """
-    groups = optimizer.param_groups
-    signature = tuple((id(group["params"]), len(group["params"])) for group in groups)
-    seen = _OPTIMIZER_PARAMS.get(optimizer)
-    if seen is None or seen[0] != signature:
-        params = list({id(p): p for group in groups for p in group["params"]}.values())
-        seen = _OPTIMIZER_PARAMS[optimizer] = (signature, params)
-    return list(seen[1])
+    """Every parameter the optimizer updates, once each, in param-group order (a new list)."""
+    return list({id(p): p for group in optimizer.param_groups for p in group["params"]}.values())
 
 
 def optimizer_grads(optimizer: Optimizer) -> tuple[list[Tensor], list[Tensor]]:
@@ -65,6 +57,14 @@ def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
     return None
+
+
+def log_every(trainer: pl.Trainer, every_n_steps: int | None) -> int:
+    """A callback's logging cadence: its own ``every_n_steps``, else the trainer's ``log_every_n_steps``
+    (Lightning's default of 50 where the trainer has none)."""
+    if every_n_steps:
+        return every_n_steps
+    return getattr(trainer, "log_every_n_steps", None) or DEFAULT_LOG_EVERY_N_STEPS
 
 
 def is_logging_step(trainer: pl.Trainer, every_n_steps: int) -> bool:
@@ -121,15 +121,60 @@ def flush_loggers(trainer: pl.Trainer) -> None:
             logger.save()
 
 
+class UnsupportedStrategyError(MisconfigurationException, ValueError):
+    """A callback cannot give exact results under the trainer's strategy (raised at setup)."""
+
+
+def refuse_sharded(trainer: pl.Trainer, name: str, why: str, instead: str) -> None:
+    """Raise :class:`UnsupportedStrategyError` at setup when the trainer's strategy shards the model.
+
+    Args:
+        trainer: the trainer being set up.
+        name: the callback's class name.
+        why: what would go wrong under sharding.
+        instead: what the user can do instead.
+    """
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, _SHARDED_STRATEGIES):
+        raise UnsupportedStrategyError(
+            f"{name} does not support the sharded strategy {type(strategy).__name__}: {why}. {instead}"
+        )
+
+
+def check_reads_before_modifiers(trainer: pl.Trainer, callback: Callback) -> None:
+    """Raise a clear error at setup when ``callback`` (which measures gradients) comes after a callback
+    that changes them in ``trainer.callbacks``: Lightning calls ``on_before_optimizer_step`` in list order,
+    so it would measure clipped or dropped gradients."""
+    callbacks = list(getattr(trainer, "callbacks", []))
+    if callback not in callbacks:
+        return
+    before = callbacks[: callbacks.index(callback)]
+    modifiers = [type(c).__name__ for c in before if getattr(c, "modifies_gradients", False)]
+    if modifiers:
+        name = type(callback).__name__
+        raise MisconfigurationException(
+            f"{name} measures the gradients before any callback changes them, so it must come before "
+            f"{', '.join(modifiers)} in `Trainer(callbacks=[...])`; move {name} to the front of the list."
+        )
+
+
 class StabilityCallback(Callback):
     """Base of the library's callbacks: flushes the loggers on checkpoint save, on exception and at teardown,
     so nothing a callback logged is lost when a run stops.
 
-    Callbacks that rescale or zero gradients set ``modifies_gradients = True``; measuring callbacks
-    (``GradientMonitor``) place themselves before those so they see the gradients before any clipping.
+    Class flags describe what a callback does to the gradients in ``on_before_optimizer_step``, so that
+    the order of ``Trainer(callbacks=[...])`` can be checked at setup:
+
+    - ``modifies_gradients``: rescales, clamps or drops gradients (clippers, the guard, the autopilot);
+    - ``reads_gradients``: measures them and must come before every callback that modifies them
+      (:func:`check_reads_before_modifiers`);
+    - ``hides_nonfinite``: turns infinite gradient elements into finite ones (``ValueClip``), so a
+      non-finite check must come before it.
     """
 
     modifies_gradients: bool = False
+    reads_gradients: bool = False
+    hides_nonfinite: bool = False
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -177,3 +222,46 @@ def forward_order(module: nn.Module) -> Iterator[list[str]]:
     finally:
         for h in handles:
             h.remove()
+
+
+class ForwardOrder:
+    """The forward order of the layers, learnt from the first real training step.
+
+    ``start(module)`` in ``on_train_batch_start`` records the modules that own parameters as they run
+    (:func:`forward_order`); ``stop()`` in ``on_before_optimizer_step``, ``on_train_batch_end`` or on an
+    exception removes the hooks. Afterwards :attr:`order` is the recorded list (empty when no hook ran,
+    e.g. a compiled module), ``None`` before any recording.
+    """
+
+    def __init__(self) -> None:
+        self.order: list[str] | None = None
+        self._stack: ExitStack | None = None
+        self._recording: list[str] = []
+
+    @property
+    def recording(self) -> bool:
+        """Whether the hooks are in place."""
+        return self._stack is not None
+
+    def start(self, module: nn.Module) -> None:
+        """Begin recording, once (a no-op while recording or after a recording)."""
+        if self.order is None and self._stack is None:
+            self._stack = ExitStack()
+            self._recording = self._stack.enter_context(forward_order(module))
+
+    def stop(self) -> bool:
+        """Remove the hooks; ``True`` when this call ended a recording."""
+        if self._stack is None:
+            return False
+        self._stack.close()
+        self._stack = None
+        self.order = list(self._recording)
+        return True
+
+    def reset(self) -> None:
+        """Remove the hooks and forget the order (a new fit records again)."""
+        self.stop()
+        self.order = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"order": self.order, "_stack": None, "_recording": []}

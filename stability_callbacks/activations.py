@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from stability_callbacks._checks import check_int
 from stability_callbacks._trainer import StabilityCallback, is_logging_step, log_scalars
 
 __all__ = [
@@ -186,8 +187,7 @@ class ActivationMonitor(StabilityCallback):
     """
 
     def __init__(self, every_n_steps: int = 50, modules: str | Sequence[str] | None = None) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be a positive integer, got {every_n_steps!r}")
+        check_int("every_n_steps", every_n_steps)
         names = [modules] if isinstance(modules, str) else modules
         if names is not None and (
             not isinstance(names, Sequence) or not names or not all(isinstance(n, str) for n in names)

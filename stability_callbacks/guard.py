@@ -14,7 +14,7 @@ rate scheduler and ``trainer.global_step`` still advance, as they do for a step 
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,11 +23,32 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from stability_callbacks._trainer import StabilityCallback, is_logging_step, log_scalars, optimizer_grads
-from stability_callbacks.clipping import ValueClip, total_grad_norm
-from stability_callbacks.stats import host_reads_are_free, nonfinite_counts
+from stability_callbacks._checks import check_choice, check_int
+from stability_callbacks._trainer import (
+    StabilityCallback,
+    is_logging_step,
+    log_every,
+    log_scalars,
+    optimizer_grads,
+)
+from stability_callbacks.stats import nonfinite_counts, total_norm
 
-__all__ = ["NonFiniteGradientError", "NonFiniteGuard"]
+__all__ = ["GuardResult", "NonFiniteGradientError", "NonFiniteGuard"]
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """What :meth:`NonFiniteGuard.guard` saw and did on one optimizer step.
+
+    Attributes:
+        nonfinite: some rank's gradients held a NaN or an infinity.
+        skipped: the guard dropped the gradients, so the optimizer leaves the weights alone.
+        consecutive: non-finite steps in a row so far, this one included.
+    """
+
+    nonfinite: bool
+    skipped: bool
+    consecutive: int
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -72,18 +93,9 @@ class NonFiniteGuard(StabilityCallback):
         self, action: str = "skip", max_consecutive: int | None = 10, log_every_n_steps: int | None = None
     ) -> None:
         super().__init__()
-        if action not in ("skip", "halt"):
-            raise ValueError(f"`action` must be 'skip' or 'halt', got {action!r}")
-        if max_consecutive is not None and (
-            not isinstance(max_consecutive, int) or isinstance(max_consecutive, bool) or max_consecutive < 1
-        ):
-            raise ValueError(f"`max_consecutive` must be a positive int or None, got {max_consecutive!r}")
-        if log_every_n_steps is not None and (
-            not isinstance(log_every_n_steps, int)
-            or isinstance(log_every_n_steps, bool)
-            or log_every_n_steps < 1
-        ):
-            raise ValueError(f"`log_every_n_steps` must be a positive int or None, got {log_every_n_steps!r}")
+        check_choice("action", action, ("skip", "halt"))
+        check_int("max_consecutive", max_consecutive, allow_none=True)
+        check_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         self.action = action
         self.max_consecutive = max_consecutive
         self.log_every_n_steps = log_every_n_steps
@@ -97,13 +109,14 @@ class NonFiniteGuard(StabilityCallback):
         return self._generate_state_key(action=self.action, max_consecutive=self.max_consecutive)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+        callbacks = list(getattr(trainer, "callbacks", []))
         if self in callbacks:
             before = callbacks[: callbacks.index(self)]
-            if any(isinstance(cb, ValueClip) for cb in before):
+            hiding = [type(cb).__name__ for cb in before if getattr(cb, "hides_nonfinite", False)]
+            if hiding:
                 rank_zero_warn(
-                    "NonFiniteGuard runs after ValueClip, which turns infinite gradient elements into finite "
-                    "ones; put the guard first in `callbacks` so it sees them."
+                    f"NonFiniteGuard runs after {', '.join(hiding)}, which turns infinite gradient elements "
+                    "into finite ones; put the guard first in `callbacks` so it sees them."
                 )
 
     def on_before_optimizer_step(
@@ -111,18 +124,19 @@ class NonFiniteGuard(StabilityCallback):
     ) -> None:
         params, grads = optimizer_grads(optimizer)
         if grads:
-            self._guard_step(trainer, pl_module, params, total_grad_norm(grads, params=params))
+            self.guard(trainer, pl_module, params, total_norm(grads))
 
-    def _guard_step(
+    def guard(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], norm: Tensor
-    ) -> bool:
-        """The step on gathered gradients whose total norm is ``norm``; whether it was skipped."""
-        if trainer.world_size == 1 and host_reads_are_free(norm.device):
-            bad = not math.isfinite(norm.item())
-        else:
-            flag = (~torch.isfinite(norm)).float()
-            flag = trainer.strategy.reduce(flag, reduce_op="sum")  # every rank sees every rank's flag
-            bad = bool(flag.item() > 0)
+    ) -> GuardResult:
+        """Judge the step whose gradients (those of ``params``) have the total norm ``norm``, and act.
+
+        The step of ``on_before_optimizer_step``, public so a composing callback can run it on gradients
+        it gathered. Reads one flag on the host (summed over ranks, so every rank decides the same).
+        """
+        flag = (~torch.isfinite(norm)).float()
+        flag = trainer.strategy.reduce(flag, reduce_op="sum")  # every rank sees every rank's flag
+        bad = bool(flag.item() > 0)
         dropped = False
         if bad:
             self.consecutive += 1
@@ -149,13 +163,16 @@ class NonFiniteGuard(StabilityCallback):
                 dropped = True
         else:
             self.consecutive = 0
-        every: int = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 0
-        if trainer.loggers and every and is_logging_step(trainer, every):
+        if trainer.loggers and is_logging_step(trainer, log_every(trainer, self.log_every_n_steps)):
             log_scalars(
                 trainer,
                 {"guard/nonfinite": float(bad), "guard/skipped": float(self.skipped + self.scaler_skipped)},
             )
-        return dropped
+        return GuardResult(nonfinite=bad, skipped=dropped, consecutive=self.consecutive)
+
+    def reset_consecutive(self) -> None:
+        """Start counting non-finite steps in a row from zero (after a recovery such as a rollback)."""
+        self.consecutive = 0
 
     def _check_consecutive(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor]
@@ -174,7 +191,7 @@ class NonFiniteGuard(StabilityCallback):
         names = {id(p): n for n, p in pl_module.named_parameters()}
         bad = [(names.get(id(p), "?"), c) for p, c in zip(with_grad, counts, strict=True) if c]
         if not bad:  # every value here is finite: the norm overflowed, or another rank's gradients are bad
-            if bool(torch.isfinite(total_grad_norm([p.grad for p in with_grad]))):  # type: ignore[misc]
+            if bool(torch.isfinite(total_norm([p.grad for p in with_grad]))):
                 return "no non-finite gradient on this rank: another rank's gradients were not finite"
             return "the total norm overflowed"
         shown = ", ".join(f"{n}: {c}" for n, c in bad[:limit])

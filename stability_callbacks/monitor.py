@@ -1,9 +1,11 @@
 """Per-layer gradient norms and a plain-words diagnosis of vanishing, exploding and non-finite gradients.
 
-Layer 1 is :class:`GradientDiagnostician`: host-side rules fed with Python floats on logging steps.
-Layer 2 is :class:`GradientMonitor`: gathers the gradients in ``on_before_optimizer_step`` on logging
-steps only, measures them with the fused statistics of :mod:`stability_callbacks.stats`, logs them with
-one host transfer, asks the diagnostician and warns when the diagnosis changes.
+Layer 1: :func:`layer_index_for` (the optimizer's parameters grouped in layers, in forward order),
+:func:`measure_gradients` (total and per-layer norms from the fused statistics of
+:mod:`stability_callbacks.stats`) and :class:`GradientDiagnostician` (host-side rules fed with Python
+floats on logging steps). Layer 2 is :class:`GradientMonitor`: on logging steps only, it measures the
+gradients in ``on_before_optimizer_step``, logs them with one host transfer, asks the diagnostician and
+warns when the diagnosis changes.
 
 The depth ratio (first layer's gradient norm over the last layer's, in forward order) is the classic
 symptom of Glorot & Bengio (2010) and Hochreiter (1991): ``<< 1`` means the gradient dies on its way
@@ -16,26 +18,35 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from stability_callbacks._checks import check_bool, check_choice, check_int, check_number
 from stability_callbacks._trainer import (
+    ForwardOrder,
     StabilityCallback,
-    forward_order,
+    check_reads_before_modifiers,
     is_logging_step,
+    log_every,
     log_scalars,
     optimizer_params,
 )
-from stability_callbacks.stats import LayerIndex, layer_norms, tensor_norms
+from stability_callbacks.stats import LayerIndex, combine_norms, layer_norms, tensor_norms
 
-__all__ = ["Diagnosis", "GradientDiagnostician", "GradientMonitor"]
+__all__ = [
+    "Diagnosis",
+    "GradientDiagnostician",
+    "GradientMonitor",
+    "OptimizerLayers",
+    "layer_index_for",
+    "measure_gradients",
+]
 
 _VANISHING_REMEDIES = (
     "InitSwap(scheme='auto') or InitSwap(scheme='lsuv') to re-initialise for the activations in use, "
@@ -117,15 +128,88 @@ class Diagnosis:
         raise ValueError(f"unknown diagnosis kind {kind!r}")
 
 
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if (
-        not isinstance(value, (int, float))
-        or math.isnan(value)
-        or value < 0
-        or (value == 0 and not allow_zero)
-    ):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be a number {bound}, got {value!r}")
+def layer_index_for(
+    module: nn.Module, optimizer: Optimizer, order: Sequence[str] | None = None, per: str = "layer"
+) -> LayerIndex:
+    """The optimizer's trainable parameters of ``module`` grouped in layers, in forward order.
+
+    Args:
+        module: the model.
+        optimizer: only its parameters (those that require a gradient) are indexed.
+        order: module names in forward order (:class:`~stability_callbacks._trainer.ForwardOrder`);
+            ``None`` or empty keeps the order of ``named_modules()``.
+        per: ``"layer"`` (modules that own parameters) or ``"parameter"``.
+
+    Layers with no parameter in the optimizer are left out.
+    """
+    index = LayerIndex.build(module, per=per)
+    wanted = {id(p) for p in optimizer_params(optimizer) if p.requires_grad}
+    keep = [i for i, p in enumerate(index.params) if id(p) in wanted]
+    index = LayerIndex(
+        index.layer_names,
+        [index.param_names[i] for i in keep],
+        [index.params[i] for i in keep],
+        [index.layer_of[i] for i in keep],
+    )
+    if order:
+        if per == "parameter":  # parameters follow their module's place
+            module_rank = {m: r for r, m in enumerate(order)}
+            order = sorted(
+                index.layer_names, key=lambda n: module_rank.get(n.rpartition(".")[0], len(module_rank))
+            )
+        index = index.reorder(order)
+    used = sorted(set(index.layer_of))
+    remap = {old: new for new, old in enumerate(used)}
+    return LayerIndex(
+        [index.layer_names[i] for i in used],
+        index.param_names,
+        index.params,
+        [remap[i] for i in index.layer_of],
+    )
+
+
+class OptimizerLayers:
+    """:func:`layer_index_for` of an optimizer, built again only when its trainable parameters or the
+    forward order change, so a caller on every step does not rebuild it every step.
+
+    Args:
+        per: ``"layer"`` or ``"parameter"`` (see :func:`layer_index_for`).
+    """
+
+    def __init__(self, per: str = "layer") -> None:
+        self.per = per
+        self._cached: tuple[tuple[Any, ...], LayerIndex] | None = None
+
+    def index(self, module: nn.Module, optimizer: Optimizer, order: Sequence[str] | None) -> LayerIndex:
+        """The layer index of ``optimizer``'s trainable parameters in ``module``, in ``order``."""
+        # the cached index holds the parameters, so their ids cannot be reused while it is cached
+        trainable = tuple(id(p) for p in optimizer_params(optimizer) if p.requires_grad)
+        key = (id(optimizer), tuple(order or ()), trainable)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, layer_index_for(module, optimizer, order, self.per))
+        return self._cached[1]
+
+    def clear(self) -> None:
+        """Forget the cached index (and the parameters it holds)."""
+        self._cached = None
+
+
+def measure_gradients(index: LayerIndex, grads: Sequence[Tensor | None]) -> tuple[Tensor, Tensor, list[bool]]:
+    """Total and per-layer L2 norms of the gradients of ``index.params``, without a host sync.
+
+    Args:
+        index: the layer index (:func:`layer_index_for`).
+        grads: the gradient of each of ``index.params`` (``None``: no gradient).
+
+    Returns:
+        The total norm (0-d float32), the per-layer norms (float32, one per ``index.layer_names``) and,
+        per layer, whether any of its parameters has a gradient.
+    """
+    per_param = tensor_norms(grads)
+    has_grad = [False] * len(index.layer_names)
+    for g, layer in zip(grads, index.layer_of, strict=True):
+        has_grad[layer] = has_grad[layer] or g is not None
+    return combine_norms(per_param), layer_norms(per_param, index), has_grad
 
 
 class GradientDiagnostician:
@@ -157,15 +241,12 @@ class GradientDiagnostician:
         patience: int = 3,
         min_history: int = 5,
     ) -> None:
-        _check_positive("vanishing_ratio", vanishing_ratio)
-        _check_positive("vanishing_norm", vanishing_norm, allow_zero=True)
-        _check_positive("exploding_norm", exploding_norm)
-        _check_positive("spike_factor", spike_factor)
-        if spike_factor <= 1:
-            raise ValueError(f"`spike_factor` must be > 1, got {spike_factor!r}")
+        check_number("vanishing_ratio", vanishing_ratio, 0, low_open=True)
+        check_number("vanishing_norm", vanishing_norm, 0)
+        check_number("exploding_norm", exploding_norm, 0, low_open=True)
+        check_number("spike_factor", spike_factor, 1, low_open=True)
         for name, value in (("window", window), ("patience", patience), ("min_history", min_history)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+            check_int(name, value)
         self.vanishing_ratio = vanishing_ratio
         self.vanishing_norm = vanishing_norm
         self.exploding_norm = exploding_norm
@@ -218,6 +299,9 @@ class GradientMonitor(StabilityCallback):
     in one fused pass, copied to the host once, diagnosed, and logged. On each change of diagnosis one
     warning (rank zero) says what is wrong, where, and which remedies of this library to try.
 
+    It measures the gradients before any callback changes them, so it goes before the clippers, the
+    guard and the autopilot in ``Trainer(callbacks=[...])``; setup raises a clear error otherwise.
+
     Args:
         log_every_n_steps: optimizer steps between logging steps; the trainer's ``log_every_n_steps``
             if ``None``.
@@ -244,6 +328,8 @@ class GradientMonitor(StabilityCallback):
     ==============================  ==================================================================
     """
 
+    reads_gradients = True
+
     def __init__(
         self,
         log_every_n_steps: int | None = None,
@@ -258,14 +344,10 @@ class GradientMonitor(StabilityCallback):
         patience: int = 3,
         warn: bool = True,
     ) -> None:
-        if log_every_n_steps is not None and (
-            not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"`log_every_n_steps` must be an integer >= 1 or None, got {log_every_n_steps!r}"
-            )
-        if group_by not in ("layer", "parameter"):
-            raise ValueError(f"`group_by` must be 'layer' or 'parameter', got {group_by!r}")
+        check_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        check_choice("group_by", group_by, ("layer", "parameter"))
+        for name, flag in (("per_layer", per_layer), ("update_ratio", update_ratio), ("warn", warn)):
+            check_bool(name, flag)
         self.log_every_n_steps = log_every_n_steps
         self.group_by = group_by
         self.per_layer = per_layer
@@ -281,9 +363,8 @@ class GradientMonitor(StabilityCallback):
         )
         self.state: dict[str, bool] = {"vanishing": False, "exploding": False, "nonfinite": False}
         self.last_diagnosis: Diagnosis | None = None
-        self._order: list[str] | None = None
-        self._order_stack: ExitStack | None = None
-        self._index_cache: dict[tuple[int, tuple[int, ...]], tuple[LayerIndex, Tensor]] = {}
+        self._order = ForwardOrder()
+        self._layers = OptimizerLayers(group_by)
         self._before: tuple[LayerIndex, list[Tensor]] | None = None
         self._warned_empty = False
 
@@ -291,94 +372,47 @@ class GradientMonitor(StabilityCallback):
     def state_key(self) -> str:
         return self._generate_state_key(group_by=self.group_by, log_every_n_steps=self.log_every_n_steps)
 
-    def _every(self, trainer: pl.Trainer) -> int:
-        return self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50) or 50
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._order = None
-        self._index_cache.clear()
-        # Measure before any clipping: run ahead of the callbacks that modify gradients.
-        callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
-        mine = callbacks.index(self) if self in callbacks else -1
-        first = next((i for i, c in enumerate(callbacks) if getattr(c, "modifies_gradients", False)), None)
-        if first is not None and 0 <= first < mine:
-            callbacks.insert(first, callbacks.pop(mine))
+        check_reads_before_modifiers(trainer, self)
+        self._order.reset()
+        self._layers.clear()
 
     # -- forward order, recorded once on the first training batch ---------------------------------
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._order is None and self._order_stack is None:
-            self._order_stack = ExitStack()
-            self._order = self._order_stack.enter_context(forward_order(pl_module))
-
-    def _close_order(self) -> None:
-        if self._order_stack is not None:
-            self._order_stack.close()
-            self._order_stack = None
-            self._index_cache.clear()
-
-    def _index(self, pl_module: pl.LightningModule, optimizer: Optimizer) -> tuple[LayerIndex, Tensor]:
-        """The layer index of the optimizer's trainable parameters, in forward order (cached)."""
-        in_optimizer = optimizer_params(optimizer)
-        key = (id(optimizer), tuple(id(p) for p in in_optimizer if p.requires_grad))
-        if key not in self._index_cache:
-            index = LayerIndex.build(pl_module, per=self.group_by)
-            wanted = set(key[1])
-            keep = [i for i, p in enumerate(index.params) if id(p) in wanted]
-            index = LayerIndex(
-                index.layer_names,
-                [index.param_names[i] for i in keep],
-                [index.params[i] for i in keep],
-                [index.layer_of[i] for i in keep],
-            )
-            if self._order:
-                order = self._order
-                if self.group_by == "parameter":  # parameters follow their module's place
-                    module_rank = {m: r for r, m in enumerate(order)}
-                    order = sorted(
-                        index.layer_names, key=lambda n: module_rank.get(n.rpartition(".")[0], len(order))
-                    )
-                index = index.reorder(order)
-            used = sorted(set(index.layer_of))
-            remap = {old: new for new, old in enumerate(used)}
-            index = LayerIndex(
-                [index.layer_names[i] for i in used],
-                index.param_names,
-                index.params,
-                [remap[i] for i in index.layer_of],
-            )
-            device = index.params[0].device if index.params else torch.device("cpu")
-            self._index_cache[key] = (index, torch.tensor(index.layer_of, device=device))
-        return self._index_cache[key]
+        self._order.start(pl_module)
 
     # -- the logging step ------------------------------------------------------------------------
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        self._close_order()
-        if not is_logging_step(trainer, self._every(trainer)):
-            return
-        index, _ = self._index(pl_module, optimizer)
+        self._order.stop()
+        if is_logging_step(trainer, log_every(trainer, self.log_every_n_steps)):
+            self.diagnose(trainer, pl_module, optimizer)
+
+    def diagnose(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> Diagnosis | None:
+        """Measure, diagnose, warn and log the gradients of ``optimizer`` now (one host transfer).
+
+        Called by ``on_before_optimizer_step`` on logging steps; a composing callback may call it on the
+        steps it chooses. Returns the :class:`Diagnosis`, or ``None`` when there is nothing to measure.
+        """
+        index = self._layers.index(pl_module, optimizer, self._order.order)
         if not index.params:
             if not self._warned_empty:
                 self._warned_empty = True
                 rank_zero_warn(
                     "GradientMonitor: the optimizer has no trainable parameters; nothing to monitor."
                 )
-            return
+            return None
         grads = [p.grad for p in index.params]
         if all(g is None for g in grads):  # e.g. training_step returned None: nothing to measure
-            return
-        per_param = tensor_norms(grads)
-        per_layer = layer_norms(per_param, index)
-        total = torch.linalg.vector_norm(per_param.double()).float()
-        has_grad = [False] * len(index.layer_names)
-        for g, layer in zip(grads, index.layer_of, strict=True):
-            has_grad[layer] = has_grad[layer] or g is not None
-
+            return None
+        total, per_layer, has_grad = measure_gradients(index, grads)
         host = torch.cat([total.reshape(1), per_layer]).tolist()  # the one host transfer of this step
         norms = [v if has_grad[i] else None for i, v in enumerate(host[1:])]
         d = self.diagnostician.update(host[0], norms, index.layer_names)
@@ -398,6 +432,7 @@ class GradientMonitor(StabilityCallback):
 
         if self.update_ratio:
             self._before = (index, [p.detach().clone() for p in index.params])
+        return d
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -432,13 +467,13 @@ class GradientMonitor(StabilityCallback):
     # -- lifecycle and state ---------------------------------------------------------------------
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close_order()
+        self._order.stop()
         self._before = None
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._close_order()
+        self._order.stop()
         super().on_exception(trainer, pl_module, exception)
 
     def state_dict(self) -> dict[str, Any]:

@@ -5,9 +5,11 @@ device of the inputs. Tensors are grouped by ``(device, dtype)`` and each statis
 ``torch._foreach_norm`` call per group, so the cost does not grow with the number of tensors beyond
 the kernels themselves.
 
-Norms accumulate in float64 where the device supports it (float32 otherwise) and are returned as
-float32, so finite float32 gradients as large as 1e20 give a finite norm instead of overflowing in a
-sum of squares.
+Norms accumulate in float64 where the device has it and are returned as float32, so every finite
+float32 gradient gets its true norm: neither 1e-25 (whose square underflows float32) nor 1e20 (whose
+square overflows it) is lost. On devices without float64 (MPS, XLA) each tensor is divided by its
+largest magnitude before the sum of squares, as BLAS ``nrm2`` does. This module is the one place where
+norms of gradients are computed; every callback and function of the library uses it.
 
 Example, from a plain PyTorch loop::
 
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 __all__ = [
     "LayerIndex",
     "TensorStats",
+    "combine_norms",
     "gradient_norms",
     "layer_norms",
     "nonfinite_counts",
@@ -37,26 +40,15 @@ __all__ = [
     "tensor_norms",
     "tensor_stats",
     "total_norm",
+    "wide_dtype",
 ]
 
 _NO_FLOAT64 = frozenset({"mps", "xla"})
 
 
-# Tests set this to False to make the CPU stand in for an accelerator (see ``host_reads_are_free``).
-CPU_READS_ARE_FREE = True
-
-
-def _accumulate_dtype(device: torch.device) -> torch.dtype:
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The dtype statistics accumulate in on ``device``: float64, or float32 where the device has none."""
     return torch.float32 if device.type in _NO_FLOAT64 else torch.float64
-
-
-def host_reads_are_free(device: torch.device) -> bool:
-    """Whether reading a value of a tensor on ``device`` costs no synchronisation: on the CPU itself.
-
-    There, a computation may look at an intermediate result to take a faster path; on accelerators
-    it must not (a read would stall the device's queue of work).
-    """
-    return device.type == "cpu" and CPU_READS_ARE_FREE
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -86,22 +78,15 @@ def _out_device(tensors: Sequence[Tensor | None], device: torch.device | None) -
 
 
 def tensor_norms(
-    tensors: Sequence[Tensor | None],
-    norm_type: float = 2.0,
-    device: torch.device | None = None,
-    accumulate_dtype: torch.dtype | None = None,
+    tensors: Sequence[Tensor | None], norm_type: float = 2.0, device: torch.device | None = None
 ) -> Tensor:
-    """Per-tensor vector norms in one fused pass per device and dtype.
+    """Per-tensor vector norms in one fused pass per device and dtype, exact for finite float32 values.
 
     Args:
         tensors: the tensors; ``None`` and empty tensors get a norm of 0. Sparse tensors use their
             coalesced values.
         norm_type: the order of the norm (``2.0``, ``1.0``, ``math.inf``...).
         device: where the result lives; defaults to the device of the first tensor.
-        accumulate_dtype: the dtype the norms accumulate in; ``None`` means float64 where the device
-            supports it. ``torch.float32`` is several times faster on CPU (it is what
-            ``torch.nn.utils.clip_grad_norm_`` uses) but overflows to inf once a tensor's norm passes
-            about 1.8e19.
 
     Returns:
         A float32 tensor of shape ``(len(tensors),)``.
@@ -109,48 +94,57 @@ def tensor_norms(
     out_device = _out_device(tensors, device)
     groups = _groups(tensors)
     if len(groups) == 1:
-        (((dev, _), idx),) = groups.items()
+        (idx,) = groups.values()
         if len(idx) == len(tensors):  # the common case: one device, one dtype, nothing missing
             dense = [_dense(t) for t in tensors]  # type: ignore[arg-type]
-            return _group_norms(dense, norm_type, dev, accumulate_dtype).to(out_device)
+            return _group_norms(dense, norm_type).to(out_device)
     out = torch.zeros(len(tensors), dtype=torch.float32, device=out_device)
-    for (dev, _), idx in groups.items():
-        values = _group_norms(
-            [_dense(tensors[i]) for i in idx],  # type: ignore[arg-type]
-            norm_type,
-            dev,
-            accumulate_dtype,
-        )
+    for idx in groups.values():
+        values = _group_norms([_dense(tensors[i]) for i in idx], norm_type)  # type: ignore[arg-type]
         out[torch.tensor(idx, device=out_device)] = values.to(out_device, non_blocking=True)
     return out
 
 
-def _group_norms(
-    group: list[Tensor], norm_type: float, device: torch.device, accumulate_dtype: torch.dtype | None = None
-) -> Tensor:
+def _group_norms(group: list[Tensor], norm_type: float) -> Tensor:
+    """Norms (float32) of tensors that share a device and a dtype: one ``torch._foreach_norm``."""
     if math.isinf(norm_type):  # a max needs no wider accumulator
-        norms = torch._foreach_norm(group, norm_type)
-    elif accumulate_dtype is None and host_reads_are_free(device) and group[0].dtype != torch.float64:
-        # float64 accumulation is several times slower than float32 on CPU: accumulate in float32
-        # and redo in float64 only the tensors whose float32 norm came out non-finite (an overflow
-        # of the sum of squares, or a NaN/inf value, which stays non-finite).
-        if group[0].dtype == torch.float32:
-            narrow = torch.stack(torch._foreach_norm(group, norm_type))
-        else:
-            narrow = torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float32))
-        if bool(torch.isfinite(narrow).all()):
-            return narrow
-        overflowed = torch.isfinite(narrow).logical_not_().nonzero().flatten().tolist()
-        wide = torch._foreach_norm([group[i] for i in overflowed], norm_type, dtype=torch.float64)
-        narrow[overflowed] = torch.stack(wide).float()
-        return narrow
-    else:
-        acc = torch.promote_types(accumulate_dtype or _accumulate_dtype(device), group[0].dtype)
-        if acc == group[0].dtype:
-            norms = torch._foreach_norm(group, norm_type)  # the vectorised same-dtype kernel
-        else:
-            norms = torch._foreach_norm(group, norm_type, dtype=acc)
-    return torch.stack(norms).float()
+        return torch.stack(torch._foreach_norm(group, norm_type)).float()
+    dtype = group[0].dtype
+    wide = wide_dtype(group[0].device)
+    if wide == torch.float64:
+        if dtype == torch.float64:
+            return torch.stack(torch._foreach_norm(group, norm_type)).float()
+        return torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float64)).float()
+    # No float64 on this device: divide each tensor by its largest magnitude before the sum of powers.
+    largest = torch.stack(torch._foreach_norm(group, math.inf)).float()
+    scale = largest.clamp_min(_TINY)
+    scaled = torch._foreach_div([t.float() for t in group], list(scale.unbind()))
+    norms = torch.stack(torch._foreach_norm(scaled, norm_type)) * scale
+    return torch.where(torch.isinf(largest), largest, norms)  # inf / inf would be NaN
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _scaled(values: Tensor) -> tuple[Tensor, Tensor]:
+    """``values`` in float32 divided by their largest magnitude, and that magnitude (no-float64 devices)."""
+    values = values.float()
+    scale = values.abs().max().clamp_min(_TINY) if values.numel() else values.new_ones(())
+    return values / scale, scale
+
+
+def combine_norms(norms: Tensor, norm_type: float = 2.0) -> Tensor:
+    """The norm of tensors taken together from their per-tensor norms (a 0-d float32 tensor).
+
+    ``(sum norms**p) ** (1/p)`` for a p-norm, accumulated in the wide dtype (scaled by the largest norm
+    where the device has no float64); the max for the inf-norm; 0 for no tensors.
+    """
+    if math.isinf(norm_type) or not norms.numel():
+        return norms.max().float() if norms.numel() else norms.new_zeros((), dtype=torch.float32)
+    if wide_dtype(norms.device) == torch.float64:
+        return torch.linalg.vector_norm(norms.double(), norm_type).float()
+    scaled, scale = _scaled(norms)
+    return torch.where(torch.isinf(scale), scale, torch.linalg.vector_norm(scaled, norm_type) * scale)
 
 
 def nonfinite_counts(tensors: Sequence[Tensor | None], device: torch.device | None = None) -> Tensor:
@@ -212,29 +206,22 @@ def total_norm(
     norm_type: float = 2.0,
     sharded: bool = False,
     group: dist.ProcessGroup | None = None,
-    accumulate_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """The norm of all tensors taken together, as a 0-d float32 tensor (no host sync).
 
     Args:
-        tensors: the tensors (``None`` is skipped).
+        tensors: the tensors (``None`` is skipped; dense or sparse).
         norm_type: the order of the norm.
         sharded: set when each rank holds a different shard of the tensors (FSDP, ZeRO): the local
-            norms are combined across ``group`` (sum of squares for p-norms, max for the inf-norm).
+            norms are combined across ``group`` (sum of powers for p-norms, max for the inf-norm).
             Leave unset under data parallelism, where every rank holds the whole (averaged) gradient.
         group: the process group of the shards; the default group if ``None``.
-        accumulate_dtype: the dtype of the per-tensor norms' accumulation (see :func:`tensor_norms`);
-            the per-tensor norms are always combined in float64 where the device supports it.
     """
     tensors = list(tensors)
-    per_tensor = tensor_norms(tensors, norm_type, accumulate_dtype=accumulate_dtype)
-    if math.isinf(norm_type):
-        local = per_tensor.max() if per_tensor.numel() else per_tensor.new_zeros(())
-    else:
-        local = torch.linalg.vector_norm(per_tensor.to(_accumulate_dtype(per_tensor.device)), norm_type)
+    local = combine_norms(tensor_norms(tensors, norm_type), norm_type)
     if sharded:
         return reduce_total_norm(local, norm_type, group)
-    return local.float()
+    return local
 
 
 def reduce_total_norm(
@@ -250,7 +237,7 @@ def reduce_total_norm(
         value = local_norm.detach().float().clone()
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
         return value
-    value = local_norm.detach().to(_accumulate_dtype(local_norm.device)).pow(norm_type)
+    value = local_norm.detach().to(wide_dtype(local_norm.device)).pow(norm_type)
     dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value.pow(1.0 / norm_type).float()
 
@@ -319,11 +306,16 @@ class LayerIndex:
 
 
 def layer_norms(per_param_l2: Tensor, index: LayerIndex) -> Tensor:
-    """Combine per-parameter L2 norms into per-layer L2 norms (sqrt of the sum of squares)."""
+    """Combine per-parameter L2 norms into per-layer L2 norms (sqrt of the sum of squares, in the wide
+    dtype; scaled by the largest norm where the device has no float64)."""
     layer_of = torch.tensor(index.layer_of, device=per_param_l2.device)
-    acc = per_param_l2.to(_accumulate_dtype(per_param_l2.device)).square()
-    sums = acc.new_zeros(len(index.layer_names)).index_add_(0, layer_of, acc)
-    return sums.sqrt().float()
+    if wide_dtype(per_param_l2.device) == torch.float64:
+        acc, scale = per_param_l2.double(), per_param_l2.new_ones((), dtype=torch.float64)
+    else:
+        acc, scale = _scaled(per_param_l2)
+    squares = acc.square()
+    sums = squares.new_zeros(len(index.layer_names)).index_add_(0, layer_of, squares)
+    return (sums.sqrt() * scale).float()
 
 
 def gradient_norms(module: nn.Module, per: str = "layer") -> dict[str, Tensor]:

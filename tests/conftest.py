@@ -13,8 +13,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from stability_callbacks import stats as stats_module
-
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -89,14 +87,8 @@ class SyncCounter:
 
 @contextmanager
 def count_host_syncs() -> Iterator[SyncCounter]:
-    """Patch ``torch.Tensor``'s host-copy methods to count their calls inside the ``with`` block.
-
-    Inside the block the CPU stands in for an accelerator: the library does not take the paths that
-    read intermediate values on the host because, on the CPU alone, such a read costs nothing.
-    """
+    """Patch ``torch.Tensor``'s host-copy methods to count their calls inside the ``with`` block."""
     counter = SyncCounter()
-    free_reads = stats_module.CPU_READS_ARE_FREE
-    stats_module.CPU_READS_ARE_FREE = False
     names = ["item", "tolist", "__float__", "__int__", "__bool__"]
     originals = {name: getattr(torch.Tensor, name) for name in names}
 
@@ -115,7 +107,6 @@ def count_host_syncs() -> Iterator[SyncCounter]:
     try:
         yield counter
     finally:
-        stats_module.CPU_READS_ARE_FREE = free_reads
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
 

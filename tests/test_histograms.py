@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import MLPModule, count_host_syncs, make_loader, make_trainer
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
@@ -23,13 +24,11 @@ from tensorboard.util import tensor_util
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from stability_callbacks import stats as stats_module
+from stability_callbacks._trainer import StabilityCallback
+from stability_callbacks.histogram_math import _CHUNK_CPU, _bucket_counts
 from stability_callbacks.histograms import (
     Histogram,
     HistogramLogger,
-    _bucket_counts,
-    _cpu_rows,
-    _device_rows,
     grad_flow_image,
     grad_flow_stats,
     histogram_stats,
@@ -38,20 +37,6 @@ from stability_callbacks.histograms import (
     write_histograms,
 )
 from stability_callbacks.stats import LayerIndex
-
-
-def use_device_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Bin CPU tensors the way accelerators do: sync-free, without reading anything on the host."""
-    monkeypatch.setattr(stats_module, "CPU_READS_ARE_FREE", False)
-
-
-@pytest.fixture(autouse=True, params=["cpu path", "device path"])
-def binning(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs with both ways of binning: the host-guided CPU path and the accelerators' one."""
-    if request.param == "device path":
-        use_device_path(monkeypatch)
-    return str(request.param)
-
 
 # -- layer 1: known answers --------------------------------------------------------------------------
 
@@ -185,10 +170,26 @@ def test_histc_path_counts_like_bincount() -> None:
     assert torch.equal(by_histc.long(), expected)
 
 
-def test_cpu_path_equals_device_path() -> None:
+def naive_histogram(t: Tensor, bins: int) -> tuple[float, float, int, float, float, int, np.ndarray]:
+    """Min, max, count, sum, sum of squares, non-finite count and bucket counts by obvious NumPy code:
+    the values rounded to float32 (as they are binned), sums in float64, ``np.histogram`` buckets."""
+    x = t.detach().reshape(-1).float().numpy().astype(np.float64)
+    finite = x[np.isfinite(x)]
+    lo, hi = float(finite.min()), float(finite.max())
+    if lo == hi:
+        counts = np.zeros(bins)
+        counts[bins // 2] = finite.size
+    else:
+        counts = np.histogram(finite, bins=bins, range=(lo, hi))[0].astype(np.float64)
+    total, squares = float(finite.sum()), float(np.square(finite).sum())
+    return lo, hi, finite.size, total, squares, x.size - finite.size, counts
+
+
+def test_hard_cases_match_a_naive_reference() -> None:
+    """The one binning path (the same tensor code on every device) on the cases that need care."""
     torch.manual_seed(0)
     tensors = [
-        torch.randn(300_000),  # two chunks
+        torch.randn(_CHUNK_CPU + 37_856),  # two chunks
         torch.randn(40, 50).to(torch.bfloat16),
         torch.randn(1000).half(),
         torch.randn(1000, dtype=torch.float64) * 1e5,
@@ -201,11 +202,22 @@ def test_cpu_path_equals_device_path() -> None:
         torch.tensor([float("nan"), 1.0, float("-inf"), 4.0]),
         torch.zeros(1000).exponential_().pow(8),  # long tail
     ]
+    assert histogram_stats(tensors, bins=7).dtype == torch.float64
     for bins in (1, 7, 64, 8191):
-        cpu, device = _cpu_rows(tensors, bins), _device_rows(tensors, bins, torch.device("cpu"))
-        assert cpu.dtype == device.dtype == torch.float64
-        torch.testing.assert_close(cpu, device, rtol=1e-12, atol=0.0)
-        assert torch.equal(cpu[:, 7:], device[:, 7:])  # the bucket counts: exactly
+        for t, h in zip(tensors, tensor_histograms(tensors, bins), strict=True):
+            assert h is not None
+            lo, hi, num, total, squares, nonfinite, counts = naive_histogram(t, bins)
+            assert (h.min, h.max, h.num, h.nonfinite) == (lo, hi, num, nonfinite), (t.dtype, t.numel())
+            assert sum(h.bucket_counts) == num
+            assert h.lower_edge == (lo - 0.5 if lo == hi else lo)
+            assert h.bucket_limits[-1] == (hi + 0.5 if lo == hi else hi)
+            x = t.reshape(-1).float().numpy().astype(np.float64)
+            x = x[np.isfinite(x)]
+            moved = 0 if lo == hi else 2 * near_edge(x, lo, hi, bins)
+            assert np.abs(np.array(h.bucket_counts) - counts).sum() <= moved, (t.dtype, t.numel(), bins)
+            magnitude = float(np.abs(x).sum())
+            assert h.sum == pytest.approx(total, rel=1e-6, abs=1e-6 * magnitude)
+            assert h.sum_squares == pytest.approx(squares, rel=1e-6)
 
 
 def test_one_host_transfer_for_many_tensors() -> None:
@@ -506,6 +518,38 @@ def test_sharded_strategy_is_refused_at_setup() -> None:
     trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[cb])
     with pytest.raises(ValueError, match="FSDPStrategy"):
         cb.setup(trainer, MLPModule(), "fit")  # type: ignore[arg-type]
+
+
+class ZeroGrads(StabilityCallback):
+    """A gradient-modifying callback: zeroes every gradient in ``on_before_optimizer_step``."""
+
+    modifies_gradients = True
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        for p in pl_module.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+
+
+def test_placed_after_a_gradient_modifier_raises_a_clear_error_at_setup(tmp_path: Path) -> None:
+    assert HistogramLogger.reads_gradients
+    cb = HistogramLogger(every_n_steps=1)
+    callbacks: list[Callback] = [ZeroGrads(), cb]
+    trainer = make_trainer(tmp_path, max_steps=1, max_epochs=None, callbacks=callbacks)
+    with pytest.raises(MisconfigurationException, match=r"HistogramLogger .* must come before ZeroGrads"):
+        trainer.fit(MLPModule(), make_loader())
+    assert trainer.global_step == 0
+    names = [type(c).__name__ for c in trainer.callbacks]  # type: ignore[attr-defined]
+    assert names.index("ZeroGrads") < names.index("HistogramLogger")  # left where the user put it
+
+
+def test_placed_before_a_gradient_modifier_it_sees_the_gradients_first(tmp_path: Path) -> None:
+    acc = load_events(fit_tb(tmp_path, [HistogramLogger(every_n_steps=1), ZeroGrads()], max_steps=1))
+    rec = histograms(acc, "grads/net.0.weight")[0]
+    assert rec.num == 16 * 8
+    assert max(abs(rec.min), abs(rec.max)) > 0.0  # the gradients before ZeroGrads zeroed them
 
 
 def test_picture_cadence_defaults_to_every_fifth_histogram_step(tmp_path: Path) -> None:

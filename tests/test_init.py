@@ -476,5 +476,9 @@ def test_bad_input_raises_value_error_naming_it() -> None:
         lsuv_(nn.LSTM(4, 4), torch.randn(3, 2, 4))
     with pytest.raises(ValueError, match="tol"):
         lsuv_(model, torch.randn(2, 4), tol=0)
+    with pytest.raises(ValueError, match="max_iters"):
+        lsuv_(model, torch.randn(2, 4), max_iters=True)  # a bool is not a number
+    with pytest.raises(ValueError, match="forget_bias"):
+        init_swap(model, forget_bias=float("nan"))
     with pytest.raises(ValueError, match="dimensions"):
         init_tensor_(torch.empty(4), "he_normal")

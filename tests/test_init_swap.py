@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,9 +14,11 @@ import torch
 from conftest import MLPModule, count_host_syncs, make_loader, make_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 
+from stability_callbacks._trainer import UnsupportedStrategyError
 from stability_callbacks.init import InitSwap
 from stability_callbacks.monitor import GradientMonitor
 
@@ -287,6 +290,11 @@ def test_state_round_trip_through_a_weights_only_checkpoint(tmp_path: Path) -> N
         ({"lsuv_tol": 0}, "lsuv_tol"),
         ({"get_input": 3}, "get_input"),
         ({"vanishing_ratio": -1.0}, "vanishing_ratio"),
+        ({"patience": True}, "patience"),
+        ({"lsuv_max_iters": 2.0}, "lsuv_max_iters"),
+        ({"lsuv_tol": True}, "lsuv_tol"),
+        ({"lsuv_center": 1}, "lsuv_center"),
+        ({"verbose": "yes"}, "verbose"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs: dict[str, Any], name: str) -> None:
@@ -299,6 +307,30 @@ def test_override_matching_nothing_fails_at_setup(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, max_steps=1, max_epochs=None, callbacks=[swap])
     with pytest.raises(ValueError, match="enc"):
         trainer.fit(MLPModule(), make_loader())
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy])
+def test_sharded_strategies_are_refused_at_setup(strategy: type) -> None:
+    trainer: Any = SimpleNamespace(strategy=object.__new__(strategy))
+    with pytest.raises(
+        UnsupportedStrategyError, match=rf"InitSwap .*{strategy.__name__}.*init_swap\(model\)"
+    ):
+        InitSwap().setup(trainer, MLPModule(), "fit")
+    assert issubclass(UnsupportedStrategyError, ValueError)
+    InitSwap().setup(trainer, MLPModule(), "validate")  # only a fit re-initialises
+
+
+def test_the_watch_measures_what_the_monitor_measures(tmp_path: Path) -> None:
+    """The watch window and GradientMonitor share one measurement: the same totals, step by step."""
+    swap = InitSwap(when="on_vanishing", watch_steps=4)
+    monitor = GradientMonitor(log_every_n_steps=1, warn=False)
+    torch.manual_seed(0)
+    make_trainer(tmp_path, max_steps=4, max_epochs=None, callbacks=[swap, monitor]).fit(
+        MLPModule(), make_loader()
+    )
+    watched = swap.diagnostician.state_dict()["history"]
+    assert len(watched) == 4 and all(v > 0 for v in watched)
+    assert watched == monitor.diagnostician.state_dict()["history"]
 
 
 # -- DDP -----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from zclip import ZClip as ZClipRef
 from zclip import ZClipLightningCallback
 
 from stability_callbacks import NonFiniteGuard, ZClip
-from stability_callbacks.clipping import PercentilePolicy, ZScorePolicy, clip_grad_norm_to, total_grad_norm
+from stability_callbacks.clipping import PercentilePolicy, ZScorePolicy, clip_grad_norm_to, total_norm
 from stability_callbacks.histograms import tensor_histograms
 
 
@@ -57,14 +57,14 @@ def test_one_nan_step_disables_zclip_for_good_but_not_ours() -> None:
     for grads in sequence:
         _set(model, grads)
         ref.step(model)
-        ours.step(total_grad_norm(grads))
+        ours.step(total_norm(grads))
     assert math.isnan(ref.mean) and math.isnan(ref.var)
     assert ours.mean is not None and torch.isfinite(ours.mean) and torch.isfinite(ours.var)  # type: ignore[arg-type]
 
     _set(model, spike)
     ref.step(model)
     assert _norm([p.grad for p in model.parameters()]) == _norm(spike)  # zclip let it through
-    decision = ours.step(total_grad_norm(spike))
+    decision = ours.step(total_norm(spike))
     assert decision.clipped.item()
     assert decision.norm_post.item() < 0.2 * _norm(spike)
 
@@ -79,14 +79,14 @@ def test_one_nan_step_makes_every_later_autoclip_gradient_nan_but_not_ours() -> 
         grads = _grads(model, float("nan") if seed == 2 else 1.0, seed)
         _set(model, grads)
         ref.step()
-        ours.step(total_grad_norm(grads))
+        ours.step(total_norm(grads))
     later = _grads(model, 1.0, 7)
     _set(model, later)
     ref.step()
     assert all(torch.isnan(p.grad).all() for p in model.parameters())  # type: ignore[arg-type]
 
     mine = [g.clone() for g in later]
-    norm = total_grad_norm(mine)
+    norm = total_norm(mine)
     clip_grad_norm_to(mine, ours.step(norm), total=norm)
     assert all(torch.isfinite(g).all() for g in mine)
     assert _norm(mine) <= _norm(later) + 1e-6

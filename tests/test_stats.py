@@ -78,19 +78,21 @@ def test_mixed_dtypes_keep_input_order() -> None:
     assert tensor_norms(tensors).tolist() == pytest.approx([4.0, 3.0, 7.0])
 
 
-@pytest.fixture(params=["cpu path", "device path"])
+@pytest.fixture(params=["float64", "no float64"])
 def norm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The CPU's float32-then-float64 path, and the accelerators' float64 path run on the CPU."""
-    if request.param == "device path":
-        monkeypatch.setattr(stats_module, "CPU_READS_ARE_FREE", False)
+    """Devices with float64 accumulate in it; on those without (MPS, XLA: emulated here on the CPU) each
+    tensor is divided by its largest magnitude before the sum of squares."""
+    if request.param == "no float64":
+        monkeypatch.setattr(stats_module, "_NO_FLOAT64", frozenset({"cpu"}))
+        assert stats_module.wide_dtype(torch.device("cpu")) == torch.float32
     return str(request.param)
 
 
-def test_cpu_norms_equal_float64_norms() -> None:
+def test_norms_equal_float64_norms(norm_path: str) -> None:
     torch.manual_seed(0)
     tensors = [
         torch.randn(1000),
-        torch.full((10,), 1e20),  # float32 sum of squares overflows: redone in float64
+        torch.full((10,), 1e20),  # the float32 sum of squares overflows
         torch.tensor([1.0, float("nan")]),
         torch.tensor([float("inf"), 1.0]),
         torch.randn(50).half() * 1000,
@@ -111,6 +113,14 @@ def test_huge_finite_values_do_not_overflow(norm_path: str) -> None:
     assert total_norm([g, g]).item() == pytest.approx(1e20 * math.sqrt(2000), rel=1e-5)
     half = torch.full((4096,), 60000.0, dtype=torch.float16)  # sum of squares far above fp16's range
     assert tensor_norms([half])[0].item() == pytest.approx(60000.0 * 64, rel=1e-3)
+
+
+def test_tiny_finite_values_do_not_underflow(norm_path: str) -> None:
+    g = torch.full((1000,), 1e-25)  # each square (1e-50) is below float32's smallest subnormal
+    assert tensor_norms([g])[0].item() == pytest.approx(1e-25 * math.sqrt(1000), rel=1e-5)
+    assert total_norm([g, g]).item() == pytest.approx(1e-25 * math.sqrt(2000), rel=1e-5)
+    mixed = [torch.full((4,), 1e-25), torch.full((4,), 1e20)]
+    assert tensor_norms(mixed).tolist() == pytest.approx([2e-25, 2e20], rel=1e-5)
 
 
 def test_sparse_gradients_use_coalesced_values() -> None:

@@ -18,7 +18,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from recipes import corrupted, runner
+from recipes import corrupted, registry, reports, runner, train
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -43,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="recipes and their variants, one line each")
 
     p_run = sub.add_parser("run", help="train one variant")
-    p_run.add_argument("recipe", choices=runner.RECIPES)
+    p_run.add_argument("recipe", choices=registry.RECIPES)
     p_run.add_argument("--variant", required=True)
     _add_common(p_run)
 
     p_cmp = sub.add_parser("compare", help="train every variant of a recipe with the same seed and budget")
-    p_cmp.add_argument("recipe", choices=runner.RECIPES)
+    p_cmp.add_argument("recipe", choices=registry.RECIPES)
     p_cmp.add_argument("--variants", default=None, help="comma-separated subset of the variants")
     _add_common(p_cmp)
 
@@ -80,15 +80,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "list":
-        for name in runner.RECIPES:
-            rec = runner.get_recipe(name)
+        for name in registry.RECIPES:
+            rec = registry.get_recipe(name)
             print(f"{name} ({rec.module.__name__}, default data: {rec.presets['cpu'].data})")
             width = max(len(v) for v in rec.variants)
             for vname, var in rec.variants.items():
                 print(f"  {vname:<{width}}  {var.description}")
         return 0
     if args.command == "run":
-        result = runner.run_variant(
+        result = train.run_variant(
             args.recipe,
             args.variant,
             seed=args.seed,
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             download=args.download,
             log_dir=args.log_dir,
         )
-        print(runner.format_table({args.variant: result}))
+        print(reports.format_table({args.variant: result}))
         if result.log_dir:
             print(f"logs: {result.log_dir}  (tensorboard --logdir {args.log_dir})")
         return 0
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         activations=args.activations.split(","),
         progress=not args.json,
     )
-    print(json.dumps(rows, indent=2) if args.json else runner.format_depth_table(rows))
+    print(json.dumps(rows, indent=2) if args.json else reports.format_depth_table(rows))
     return 0
 
 

@@ -17,17 +17,20 @@ table (final training loss, its ratio to the clean run, rollbacks) to ``logs/cor
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from tqdm.auto import tqdm
 
-from recipes.common import Variant
+from recipes import deep_mlp
+from recipes.reports import format_corrupted_table, write_corrupted_summary
+from recipes.spec import CorruptedResult, Recipe, Variant
+from recipes.train import run_variant
+from stability_callbacks import StabilityAutopilot
 
 __all__ = [
     "RUNS",
@@ -93,46 +96,11 @@ class CorruptBatch(Callback):
 #: on the path taken to it (seeds 0-2 end within ~10% of each other), so comparing final losses measures
 #: the damage done by the bad batch, not the randomness of the path. A run whose loss goes to ~0 (the
 #: 30-layer nets) is no place for a 5% comparison: its final loss varies by a factor of 2-3 with the seed.
-BASE_RECIPE = "deep_mlp"
+BASE_RECIPE = deep_mlp.RECIPE.name
 BASE_VARIANT = "relu_he"
 BASE_MODEL: dict[str, Any] = {"depth": 4, "lr": 0.05, "weight_decay": 0.02}
 MAX_STEPS = 600
 CORRUPT_STEP = 250
-
-
-@dataclass
-class CorruptedResult:
-    """One run of the corrupted-batch demonstration.
-
-    Args:
-        run: ``clean``, ``corrupted`` or ``corrupted_autopilot``.
-        final_train_loss: mean training loss of the last 20 steps (``None`` if non-finite).
-        ratio: ``final_train_loss`` over the clean run's (``None`` if either is missing).
-        rollbacks: rollbacks the autopilot made (0 without it).
-        diverged: the training loss became non-finite (the run then stops).
-        val_metric: validation accuracy at the end (``None`` if diverged).
-        steps: optimizer steps done.
-        seconds: wall time of the fit.
-        events: the autopilot's timeline (what it did and why).
-        log_dir: the run's TensorBoard folder.
-    """
-
-    run: str
-    final_train_loss: float | None
-    ratio: float | None
-    rollbacks: int
-    diverged: bool
-    val_metric: float | None
-    steps: int
-    seconds: float
-    events: list[str] = field(default_factory=list)
-    log_dir: str | None = None
-
-    def summary(self) -> dict[str, Any]:
-        """The ``summary.json`` entry of this run."""
-        out = dataclasses.asdict(self)
-        del out["run"], out["log_dir"]
-        return out
 
 
 def corrupted_recipe(
@@ -140,22 +108,18 @@ def corrupted_recipe(
     max_steps: int = MAX_STEPS,
     input_scale: float = 1e3,
     seed: int = 0,
-    autopilots: list[Any] | None = None,
-) -> Any:
-    """The :class:`~recipes.runner.Recipe` of the demonstration, named ``corrupted``, with the three runs
+    autopilots: list[StabilityAutopilot] | None = None,
+) -> Recipe:
+    """The :class:`~recipes.spec.Recipe` of the demonstration, named ``corrupted``, with the three runs
     as its variants. Any training loss counts (the bad batch's own loss is huge by design); only a
     non-finite one counts as diverged. Each autopilot built is appended to ``autopilots``."""
-    from recipes.runner import get_recipe
-
-    base = get_recipe(BASE_RECIPE)
+    base = deep_mlp.RECIPE
     model = {**base.variants[BASE_VARIANT].model, **BASE_MODEL}
 
     def corrupt() -> list[Callback]:
         return [CorruptBatch(step, input_scale, seed=seed)]
 
     def corrupt_with_autopilot() -> list[Callback]:
-        from stability_callbacks import StabilityAutopilot
-
         pilot = StabilityAutopilot(verbose=False)
         if autopilots is not None:
             autopilots.append(pilot)
@@ -201,15 +165,11 @@ def corrupted_demo(
         progress: show a progress bar over the runs.
         echo: print the table.
     """
-    from tqdm.auto import tqdm
-
-    from recipes.runner import run_variant
-
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"`max_steps` must be an integer >= 1, got {max_steps!r}")
     if not isinstance(step, int) or not 0 <= step < max_steps:
         raise ValueError(f"`step` must be an integer in [0, max_steps={max_steps}), got {step!r}")
-    pilots: list[Any] = []
+    pilots: list[StabilityAutopilot] = []
     rec = corrupted_recipe(step, max_steps, input_scale, seed, pilots)
     results: dict[str, CorruptedResult] = {}
     bar = tqdm(RUNS, desc="corrupted", unit="run", disable=not progress, leave=True)
@@ -234,7 +194,8 @@ def corrupted_demo(
         )
     bar.close()
     if log_dir is not None:
-        _write_summary(Path(log_dir) / "corrupted", rec, seed, step, input_scale, results)
+        base = {"recipe": BASE_RECIPE, "variant": BASE_VARIANT, "model": BASE_MODEL}
+        write_corrupted_summary(Path(log_dir) / "corrupted", rec, base, seed, step, input_scale, results)
     if echo:
         print(f"\none corrupted batch at step {step} of {max_steps}, seed {seed}")
         print(f"run: {BASE_RECIPE} {_base_words()}")
@@ -249,64 +210,3 @@ def corrupted_demo(
 
 def _base_words() -> str:
     return f"variant {BASE_VARIANT} with " + ", ".join(f"{k}={v}" for k, v in BASE_MODEL.items())
-
-
-def format_corrupted_table(results: dict[str, CorruptedResult], markdown: bool = False) -> str:
-    """The demonstration's results as an aligned text table (or a Markdown table)."""
-    from recipes.runner import _fmt
-
-    head = ["run", "final train loss", "ratio to clean", "rollbacks", "diverged", "val_acc", "steps"]
-    rows = [
-        [
-            r.run,
-            _fmt(r.final_train_loss, 4),
-            "-" if r.ratio is None else f"{r.ratio:.3f}",
-            str(r.rollbacks),
-            "yes" if r.diverged else "no",
-            _fmt(r.val_metric),
-            str(r.steps),
-        ]
-        for r in results.values()
-    ]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-    widths = [max(len(c) for c in col) for col in zip(head, *rows, strict=False)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join(
-        [fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*row) for row in rows)]
-    )
-
-
-def _write_summary(
-    out_dir: Path,
-    rec: Any,
-    seed: int,
-    step: int,
-    input_scale: float,
-    results: dict[str, CorruptedResult],
-) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "base": {"recipe": BASE_RECIPE, "variant": BASE_VARIANT, "model": BASE_MODEL},
-        "seed": seed,
-        "corrupt_step": step,
-        "input_scale": input_scale,
-        "runs": {name: r.summary() for name, r in results.items()},
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = [
-        f"# One corrupted batch at step {step}, seed {seed}",
-        "",
-        format_corrupted_table(results, markdown=True),
-        "",
-        "| run | what it is |",
-        "|---|---|",
-        *(f"| {n} | {rec.variants[n].description} |" for n in results),
-        "",
-        *(f"- {r.run}: {e}" for r in results.values() for e in r.events),
-        "",
-        f"TensorBoard: `tensorboard --logdir {out_dir}`",
-        "",
-    ]
-    (out_dir / "summary.md").write_text("\n".join(lines))

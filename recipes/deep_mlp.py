@@ -23,7 +23,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from recipes.common import RecipeModule, Variant, activation_module
+from recipes.base import RecipeModule, activation_module
+from recipes.spec import Preset, Recipe, Variant
+from stability_callbacks import InitSwap, StabilityAutopilot
 
 __all__ = ["RECIPE", "VARIANTS", "DeepMLP", "HighwayLayer", "ResidualLayer", "cli_main"]
 
@@ -98,7 +100,7 @@ class DeepMLP(RecipeModule):
         in_features: input features (64 for the digits, 784 for flat MNIST).
         num_classes: output classes.
         optimizer, lr, momentum, weight_decay, warmup_steps, cosine: see
-            :class:`~recipes.common.RecipeModule`.
+            :class:`~recipes.base.RecipeModule`.
     """
 
     def __init__(
@@ -193,21 +195,9 @@ class DeepMLP(RecipeModule):
         return self.net(x)
 
 
-def _initswap(**kwargs: Any) -> list[Callback]:
-    from stability_callbacks.init import InitSwap
-
-    return [InitSwap(**kwargs)]
-
-
-def _autopilot() -> list[Callback]:
-    from stability_callbacks import StabilityAutopilot
-
-    # Xavier with the sigmoid's gain of 1 ("auto") leaves a 30-layer sigmoid stack vanishing; centred
-    # LSUV gives every layer unit-variance, zero-mean pre-activations and so brings it back.
-    return [StabilityAutopilot(reinit_scheme="lsuv", verbose=False)]
-
-
 def _ema() -> list[Callback]:
+    # Imported here, when the variant runs: EMAWeightAveraging is recent in Lightning, and the other
+    # variants run on the older releases the package supports.
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     return [EMAWeightAveraging(decay=0.99)]
@@ -233,13 +223,13 @@ VARIANTS: dict[str, Variant] = {
             "initswap",
             "tanh net under default init (vanishing); InitSwap('auto') re-initialises it when flagged",
             {"activation": "tanh"},
-            lambda: _initswap(scheme="auto", when="on_vanishing"),
+            lambda: [InitSwap(scheme="auto", when="on_vanishing")],
         ),
         Variant(
             "lsuv",
             "tanh net re-initialised by InitSwap('lsuv') at fit start (unit output variance per layer)",
             {"activation": "tanh"},
-            lambda: _initswap(scheme="lsuv", when="fit_start"),
+            lambda: [InitSwap(scheme="lsuv", when="fit_start")],
         ),
         Variant(
             "adam",
@@ -252,7 +242,9 @@ VARIANTS: dict[str, Variant] = {
             "sigmoid baseline with StabilityAutopilot(reinit_scheme='lsuv'): re-initialised by centred LSUV "
             "once vanishing is flagged (Xavier gain 1, 'auto', leaves 30 sigmoid layers vanishing)",
             {},
-            _autopilot,
+            # Xavier with the sigmoid's gain of 1 ("auto") leaves a 30-layer sigmoid stack vanishing;
+            # centred LSUV gives every layer unit-variance, zero-mean pre-activations and so brings it back.
+            lambda: [StabilityAutopilot(reinit_scheme="lsuv", verbose=False)],
         ),
         Variant(
             "warmup",
@@ -276,50 +268,38 @@ def _data_args(data: str) -> dict[str, Any]:
     return {"in_features": features[data], "num_classes": 10}
 
 
-def _recipe() -> Any:
-    from recipes.runner import Preset, Recipe
+RECIPE = Recipe(
+    name="deep_mlp",
+    module=DeepMLP,
+    variants=VARIANTS,
+    presets={
+        "cpu": Preset(
+            max_steps=1000,
+            batch_size=64,
+            data="digits",
+            log_every_n_steps=10,
+            histogram_every_n_steps=100,
+            val_every_n_steps=200,
+            cpu_threads=1,
+        ),
+        "gpu": Preset(
+            max_steps=5000,
+            batch_size=128,
+            data="digits",
+            gpu_data="mnist",
+            model={"width": 256},
+            trainer={"accelerator": "auto", "precision": "bf16-mixed"},
+            log_every_n_steps=50,
+            histogram_every_n_steps=500,
+            val_every_n_steps=1000,
+        ),
+    },
+    divergence_bound=1e3,
+    data_args=_data_args,
+    flat=True,
+)
 
-    return Recipe(
-        name="deep_mlp",
-        module=DeepMLP,
-        variants=VARIANTS,
-        presets={
-            "cpu": Preset(
-                max_steps=1000,
-                batch_size=64,
-                data="digits",
-                log_every_n_steps=10,
-                histogram_every_n_steps=100,
-                val_every_n_steps=200,
-                cpu_threads=1,
-            ),
-            "gpu": Preset(
-                max_steps=5000,
-                batch_size=128,
-                data="digits",
-                gpu_data="mnist",
-                model={"width": 256},
-                trainer={"accelerator": "auto", "precision": "bf16-mixed"},
-                log_every_n_steps=50,
-                histogram_every_n_steps=500,
-                val_every_n_steps=1000,
-            ),
-        },
-        divergence_bound=1e3,
-        data_args=_data_args,
-        flat=True,
-    )
-
-
-def cli_main(args: Any = None) -> None:
-    """LightningCLI entry point: ``python -m recipes.deep_mlp fit --config ...``."""
-    from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI
-
-    LightningCLI(DeepMLP, LightningDataModule, subclass_mode_data=True, args=args)
-
-
-RECIPE = _recipe()
+cli_main = RECIPE.cli_main
 
 if __name__ == "__main__":
     cli_main()

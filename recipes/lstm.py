@@ -17,10 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from recipes.common import RecipeModule, Variant
+from recipes.base import RecipeModule
+from recipes.spec import Preset, Recipe, Variant
+from stability_callbacks import AutoClip, InitSwap, NormClip, StabilityAutopilot, ZClip
 
 __all__ = ["RECIPE", "VARIANTS", "SequenceModel", "cli_main"]
 
@@ -40,7 +41,7 @@ class SequenceModel(RecipeModule):
         input_size: features per time step (2 for the adding problem, 1 for seq_digits).
         num_outputs: 1 for regression, the number of classes for classification.
         task: ``"regression"`` or ``"classification"``.
-        optimizer, lr, momentum, weight_decay, warmup_steps: see :class:`~recipes.common.RecipeModule`.
+        optimizer, lr, momentum, weight_decay, warmup_steps: see :class:`~recipes.base.RecipeModule`.
     """
 
     def __init__(
@@ -83,28 +84,6 @@ class SequenceModel(RecipeModule):
         return self.head(out[:, -1])
 
 
-def _clip(name: str) -> list[Callback]:
-    from stability_callbacks import clipping
-
-    if name == "norm":
-        return [clipping.NormClip(max_norm=1.0)]
-    if name == "auto":
-        return [clipping.AutoClip(percentile=10.0)]
-    return [clipping.ZClip(max_grad_norm=5.0)]
-
-
-def _initswap() -> list[Callback]:
-    from stability_callbacks.init import InitSwap
-
-    return [InitSwap(scheme="auto", when="fit_start", verbose=False)]
-
-
-def _autopilot() -> list[Callback]:
-    from stability_callbacks import StabilityAutopilot
-
-    return [StabilityAutopilot(verbose=False)]
-
-
 EXPLODING = {"cell": "rnn", "recurrent_init_scale": 3.0, "optimizer": "sgd", "lr": 0.03, "momentum": 0.0}
 
 VARIANTS: dict[str, Variant] = {
@@ -120,26 +99,26 @@ VARIANTS: dict[str, Variant] = {
             "rnn_normclip",
             "rnn_exploding with a fixed norm clip (NormClip(1.0))",
             dict(EXPLODING),
-            lambda: _clip("norm"),
+            lambda: [NormClip(max_norm=1.0)],
         ),
         Variant(
             "rnn_autoclip",
             "rnn_exploding with AutoClip (10th percentile of past norms)",
             dict(EXPLODING),
-            lambda: _clip("auto"),
+            lambda: [AutoClip(percentile=10.0)],
         ),
         Variant(
             "rnn_zclip",
             "rnn_exploding with ZClip (z-score spike clipping, norm capped at 5)",
             dict(EXPLODING),
-            lambda: _clip("z"),
+            lambda: [ZClip(max_grad_norm=5.0)],
         ),
         Variant(
             "autopilot",
             "rnn_exploding with StabilityAutopilot (defaults: InitSwap('auto') if gradients vanish early, "
             "ZClip, non-finite steps skipped, rollback on loss spikes)",
             dict(EXPLODING),
-            _autopilot,
+            lambda: [StabilityAutopilot(verbose=False)],
         ),
         Variant("lstm", "LSTM (gated memory cell), default init", {"cell": "lstm"}),
         Variant("gru", "GRU, default init", {"cell": "gru"}),
@@ -147,7 +126,7 @@ VARIANTS: dict[str, Variant] = {
             "lstm_init",
             "LSTM re-initialised by InitSwap('auto'): orthogonal recurrent weights, forget bias 1",
             {"cell": "lstm"},
-            _initswap,
+            lambda: [InitSwap(scheme="auto", when="fit_start", verbose=False)],
         ),
     ]
 }
@@ -161,51 +140,39 @@ def _data_args(data: str) -> dict[str, Any]:
     raise ValueError(f"lstm trains on 'adding' or 'seq_digits', not {data!r}")
 
 
-def _recipe() -> Any:
-    from recipes.runner import Preset, Recipe
+RECIPE = Recipe(
+    name="lstm",
+    module=SequenceModel,
+    variants=VARIANTS,
+    presets={
+        "cpu": Preset(
+            max_steps=1200,
+            batch_size=64,
+            data="adding",
+            model={"hidden": 64},
+            data_kwargs={"seq_len": 50},
+            log_every_n_steps=10,
+            histogram_every_n_steps=100,
+            val_every_n_steps=200,
+            cpu_threads=1,
+        ),
+        "gpu": Preset(
+            max_steps=5000,
+            batch_size=128,
+            data="adding",
+            model={"hidden": 128},
+            data_kwargs={"seq_len": 200},
+            trainer={"accelerator": "auto", "precision": "bf16-mixed"},
+            log_every_n_steps=50,
+            histogram_every_n_steps=500,
+            val_every_n_steps=1000,
+        ),
+    },
+    divergence_bound=1e6,
+    data_args=_data_args,
+)
 
-    return Recipe(
-        name="lstm",
-        module=SequenceModel,
-        variants=VARIANTS,
-        presets={
-            "cpu": Preset(
-                max_steps=1200,
-                batch_size=64,
-                data="adding",
-                model={"hidden": 64},
-                data_kwargs={"seq_len": 50},
-                log_every_n_steps=10,
-                histogram_every_n_steps=100,
-                val_every_n_steps=200,
-                cpu_threads=1,
-            ),
-            "gpu": Preset(
-                max_steps=5000,
-                batch_size=128,
-                data="adding",
-                model={"hidden": 128},
-                data_kwargs={"seq_len": 200},
-                trainer={"accelerator": "auto", "precision": "bf16-mixed"},
-                log_every_n_steps=50,
-                histogram_every_n_steps=500,
-                val_every_n_steps=1000,
-            ),
-        },
-        divergence_bound=1e6,
-        data_args=_data_args,
-    )
-
-
-def cli_main(args: Any = None) -> None:
-    """LightningCLI entry point: ``python -m recipes.lstm fit --config ...``."""
-    from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI
-
-    LightningCLI(SequenceModel, LightningDataModule, subclass_mode_data=True, args=args)
-
-
-RECIPE = _recipe()
+cli_main = RECIPE.cli_main
 
 if __name__ == "__main__":
     cli_main()

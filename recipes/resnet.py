@@ -19,10 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from recipes.common import RecipeModule, Variant
+from recipes.base import RecipeModule
+from recipes.spec import Preset, Recipe, Variant
+from stability_callbacks import AGC, InitSwap, StabilityAutopilot
 
 __all__ = ["RECIPE", "VARIANTS", "BasicBlock", "CifarResNet", "ResNetClassifier", "WSConv2d", "cli_main"]
 
@@ -177,7 +178,7 @@ class ResNetClassifier(RecipeModule):
         width: channels of the first stage.
         in_channels: image channels (1 for the digits and MNIST, 3 for CIFAR-10).
         num_classes: output classes.
-        optimizer, lr, momentum, weight_decay, warmup_steps: see :class:`~recipes.common.RecipeModule`.
+        optimizer, lr, momentum, weight_decay, warmup_steps: see :class:`~recipes.base.RecipeModule`.
     """
 
     def __init__(
@@ -210,24 +211,6 @@ class ResNetClassifier(RecipeModule):
         return out
 
 
-def _initswap() -> list[Callback]:
-    from stability_callbacks.init import InitSwap
-
-    return [InitSwap(scheme="auto", when="fit_start", verbose=False)]
-
-
-def _autopilot() -> list[Callback]:
-    from stability_callbacks import StabilityAutopilot
-
-    return [StabilityAutopilot(verbose=False)]
-
-
-def _agc() -> list[Callback]:
-    from stability_callbacks.clipping import AGC
-
-    return [AGC(clip_factor=0.04)]
-
-
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in [
@@ -241,20 +224,20 @@ VARIANTS: dict[str, Variant] = {
             "plain_initswap",
             "plain net re-initialised by InitSwap('auto') at fit start",
             {"plain": True},
-            _initswap,
+            lambda: [InitSwap(scheme="auto", when="fit_start", verbose=False)],
         ),
         Variant(
             "autopilot",
             "plain net with StabilityAutopilot (defaults): it finds no vanishing, exploding or spiking "
             "gradients to act on, so the missing shortcuts stay a problem it does not fix",
             {"plain": True},
-            _autopilot,
+            lambda: [StabilityAutopilot(verbose=False)],
         ),
         Variant(
             "nf_agc",
             "normalisation-free residual net (WS convs, zero-init branches) with AGC(0.04)",
             {"norm_free": True},
-            _agc,
+            lambda: [AGC(clip_factor=0.04)],
         ),
     ]
 }
@@ -267,51 +250,39 @@ def _data_args(data: str) -> dict[str, Any]:
     return {"in_channels": channels[data], "num_classes": 10}
 
 
-def _recipe() -> Any:
-    from recipes.runner import Preset, Recipe
+RECIPE = Recipe(
+    name="resnet",
+    module=ResNetClassifier,
+    variants=VARIANTS,
+    presets={
+        "cpu": Preset(
+            max_steps=200,
+            batch_size=64,
+            data="digits",
+            model={"depth": 32, "width": 8},
+            log_every_n_steps=10,
+            histogram_every_n_steps=100,
+            val_every_n_steps=100,
+            cpu_threads=1,
+        ),
+        "gpu": Preset(
+            max_steps=8000,
+            batch_size=128,
+            data="digits",
+            gpu_data="cifar10",
+            model={"depth": 110, "width": 16},
+            trainer={"accelerator": "auto", "precision": "bf16-mixed"},
+            log_every_n_steps=50,
+            histogram_every_n_steps=500,
+            val_every_n_steps=1000,
+        ),
+    },
+    divergence_bound=1e3,
+    data_args=_data_args,
+    flat=False,
+)
 
-    return Recipe(
-        name="resnet",
-        module=ResNetClassifier,
-        variants=VARIANTS,
-        presets={
-            "cpu": Preset(
-                max_steps=200,
-                batch_size=64,
-                data="digits",
-                model={"depth": 32, "width": 8},
-                log_every_n_steps=10,
-                histogram_every_n_steps=100,
-                val_every_n_steps=100,
-                cpu_threads=1,
-            ),
-            "gpu": Preset(
-                max_steps=8000,
-                batch_size=128,
-                data="digits",
-                gpu_data="cifar10",
-                model={"depth": 110, "width": 16},
-                trainer={"accelerator": "auto", "precision": "bf16-mixed"},
-                log_every_n_steps=50,
-                histogram_every_n_steps=500,
-                val_every_n_steps=1000,
-            ),
-        },
-        divergence_bound=1e3,
-        data_args=_data_args,
-        flat=False,
-    )
-
-
-def cli_main(args: Any = None) -> None:
-    """LightningCLI entry point: ``python -m recipes.resnet fit --config ...``."""
-    from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI
-
-    LightningCLI(ResNetClassifier, LightningDataModule, subclass_mode_data=True, args=args)
-
-
-RECIPE = _recipe()
+cli_main = RECIPE.cli_main
 
 if __name__ == "__main__":
     cli_main()

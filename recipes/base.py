@@ -1,23 +1,17 @@
-"""What every recipe shares: the LightningModule base (loss, metric, optimizer, warm-up schedule) and the
-variant table entry.
-
-A recipe is a LightningModule plus a table of named :class:`Variant` s. A variant is only a combination of
-model flags and library callbacks; the recipes compute no gradient statistics and clip nothing themselves.
-"""
+"""The LightningModule base every recipe's model shares (loss, metric, optimizer, warm-up schedule) and the
+activations the models choose from by name."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-__all__ = ["OPTIMIZERS", "RecipeModule", "Variant", "activation_module"]
+__all__ = ["OPTIMIZERS", "RecipeModule", "activation_module"]
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "adagrad")
 
@@ -36,24 +30,6 @@ def activation_module(name: str) -> nn.Module:
     if name not in _ACTIVATIONS:
         raise ValueError(f"`activation` must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
     return _ACTIVATIONS[name]()
-
-
-@dataclass
-class Variant:
-    """One named run of a recipe: a pathology or a remedy.
-
-    Args:
-        name: the variant's name (``--variant``).
-        description: one line saying what it shows.
-        model: keyword arguments that override the recipe's model defaults.
-        callbacks: builds the library callbacks this variant adds (besides the monitor and histograms,
-            which every run has); imported lazily so the table loads without them.
-    """
-
-    name: str
-    description: str
-    model: dict[str, Any] = field(default_factory=dict)
-    callbacks: Callable[[], list[Callback]] = field(default=lambda: [])
 
 
 class RecipeModule(pl.LightningModule):

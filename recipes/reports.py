@@ -1,0 +1,230 @@
+"""Reports of the recipes: number formatting, the result tables, the ``summary.json`` / ``summary.md`` /
+``summary.png`` files, and per-layer gradient norms read back from a run's TensorBoard event file."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from recipes.spec import CorruptedResult, Recipe, RunResult
+
+__all__ = [
+    "format_corrupted_table",
+    "format_depth_table",
+    "format_number",
+    "format_table",
+    "layer_norms_from_events",
+    "render_table",
+    "write_corrupted_summary",
+    "write_summary",
+]
+
+
+def format_number(x: float | None, digits: int = 3) -> str:
+    """``x`` for a table: ``-`` for ``None``, scientific notation below 1e-2 or from 1e4, else fixed."""
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    if abs(x) < 1e-2 or abs(x) >= 1e4:
+        return f"{x:.1e}"
+    return f"{x:.{digits}f}"
+
+
+def render_table(head: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False) -> str:
+    """``rows`` under ``head`` as left-aligned text columns (or a Markdown table)."""
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(c) for c in col) for col in zip(head, *rows, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(
+        [fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*row) for row in rows)]
+    )
+
+
+def format_table(results: dict[str, RunResult], markdown: bool = False) -> str:
+    """The results of a recipe's runs as an aligned text table (or a Markdown table)."""
+    metric = next(iter(results.values())).val_metric_name if results else "val_metric"
+    head = ["variant", "train loss", metric, "depth ratio", "diagnosis", "diverged", "steps", "seconds"]
+    rows = [
+        [
+            name,
+            format_number(r.final_train_loss),
+            format_number(r.val_metric),
+            format_number(r.depth_ratio, 2),
+            r.diagnosis(),
+            "yes" if r.diverged else "no",
+            str(r.steps),
+            f"{r.seconds:.1f}",
+        ]
+        for name, r in results.items()
+    ]
+    return render_table(head, rows, markdown)
+
+
+def format_depth_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The depth table (:func:`recipes.runner.depth_table`) as aligned text."""
+    head = ["depth", "activation", "net", "ratio at init", "ratio after K", "val_acc"]
+    body = [
+        [
+            str(r["depth"]),
+            r["activation"],
+            "residual" if r["residual"] else "plain",
+            format_number(r["depth_ratio_init"], 2),
+            format_number(r["depth_ratio_final"], 2),
+            format_number(r["val_acc"]),
+        ]
+        for r in rows
+    ]
+    return render_table(head, body)
+
+
+def format_corrupted_table(results: dict[str, CorruptedResult], markdown: bool = False) -> str:
+    """The corrupted-batch demonstration's results as an aligned text table (or a Markdown table)."""
+    head = ["run", "final train loss", "ratio to clean", "rollbacks", "diverged", "val_acc", "steps"]
+    rows = [
+        [
+            r.run,
+            format_number(r.final_train_loss, 4),
+            "-" if r.ratio is None else f"{r.ratio:.3f}",
+            str(r.rollbacks),
+            "yes" if r.diverged else "no",
+            format_number(r.val_metric),
+            str(r.steps),
+        ]
+        for r in results.values()
+    ]
+    return render_table(head, rows, markdown)
+
+
+def write_summary(
+    recipe: Recipe, seed: int, results: dict[str, RunResult], out_dir: Path, preset: str = "cpu"
+) -> dict[str, Any]:
+    """Write ``summary.json``, ``summary.md`` and ``summary.png`` to ``out_dir``; returns the JSON object."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "recipe": recipe.name,
+        "seed": seed,
+        "variants": {name: r.summary() for name, r in results.items()},
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [
+        f"# {recipe.name}: all variants, seed {seed}, preset {preset}",
+        "",
+        format_table(results, markdown=True),
+        "",
+        "| variant | what it shows |",
+        "|---|---|",
+        *(f"| {n} | {recipe.variants[n].description} |" for n in results),
+        "",
+        f"TensorBoard: `tensorboard --logdir {out_dir}`",
+        "",
+    ]
+    (out_dir / "summary.md").write_text("\n".join(lines))
+    _plot(recipe, results, out_dir / "summary.png")
+    return summary
+
+
+def write_corrupted_summary(
+    out_dir: Path,
+    recipe: Recipe,
+    base: dict[str, Any],
+    seed: int,
+    step: int,
+    input_scale: float,
+    results: dict[str, CorruptedResult],
+) -> None:
+    """Write the corrupted-batch demonstration's ``summary.json`` and ``summary.md`` to ``out_dir``.
+
+    ``recipe`` is the demonstration's recipe (its variants are the runs) and ``base`` names the recipe,
+    variant and model arguments it starts from."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "base": base,
+        "seed": seed,
+        "corrupt_step": step,
+        "input_scale": input_scale,
+        "runs": {name: r.summary() for name, r in results.items()},
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [
+        f"# One corrupted batch at step {step}, seed {seed}",
+        "",
+        format_corrupted_table(results, markdown=True),
+        "",
+        "| run | what it is |",
+        "|---|---|",
+        *(f"| {n} | {recipe.variants[n].description} |" for n in results),
+        "",
+        *(f"- {r.run}: {e}" for r in results.values() for e in r.events),
+        "",
+        f"TensorBoard: `tensorboard --logdir {out_dir}`",
+        "",
+    ]
+    (out_dir / "summary.md").write_text("\n".join(lines))
+
+
+def _plot(recipe: Recipe, results: dict[str, RunResult], path: Path) -> None:
+    # matplotlib is imported here so that its backend is chosen only when a picture is drawn.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(13, 5))
+    cmap = plt.get_cmap("tab20")
+    for i, (name, r) in enumerate(results.items()):
+        color = cmap(i % 20)
+        steps = list(range(len(r.losses)))
+        losses = [v if math.isfinite(v) and v > 0 else float("nan") for v in r.losses]
+        if len(losses) > 50:  # light smoothing so the curves stay readable
+            k = max(1, len(losses) // 50)
+            losses = [
+                sum(losses[j : j + k]) / len(losses[j : j + k])
+                if all(math.isfinite(v) for v in losses[j : j + k])
+                else float("nan")
+                for j in range(0, len(losses), k)
+            ]
+            steps = list(range(0, len(r.losses), k))
+        ax_loss.plot(steps, losses, label=name, color=color, lw=1.2)
+        if r.layer_norms:
+            ax_grad.plot(
+                range(len(r.layer_norms)), [v for _, v in r.layer_norms], label=name, color=color, lw=1.2
+            )
+    ax_loss.set(title=f"{recipe.name}: training loss", xlabel="step", ylabel="loss", yscale="log")
+    ax_grad.set(
+        title="gradient norm per layer (geometric mean over the run)",
+        xlabel="layer (input -> output)",
+        ylabel="L2 norm",
+        yscale="log",
+    )
+    ax_grad.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.legend(fontsize=7, ncol=2)
+    ax_grad.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def layer_norms_from_events(run_dir: Path, model: torch.nn.Module) -> list[tuple[str, float]]:
+    """Per-layer gradient norms (geometric mean over the run) read back from the run's event file,
+    in module order (input to output)."""
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 1, "images": 1})
+    acc.Reload()
+    tags = set(acc.Tags().get("scalars", []))
+    out: list[tuple[str, float]] = []
+    for name, mod in model.named_modules():
+        tag = f"grad_norm/{name}"
+        if name and tag in tags and any(True for _ in mod.parameters(recurse=False)):
+            values = [e.value for e in acc.Scalars(tag) if math.isfinite(e.value) and e.value > 0]
+            if values:
+                out.append((name, math.exp(sum(math.log(v) for v in values) / len(values))))
+    return out

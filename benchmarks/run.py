@@ -74,6 +74,12 @@ BENCHMARKS = [
         "scaling.py",
         ("--repeats", "3"),
     ),
+    Benchmark(
+        "norms",
+        "Logged gradient norms of the sigmoid recipe against a float64 reference",
+        "norm_accuracy.py",
+        ("--steps", "30"),
+    ),
 ]
 
 

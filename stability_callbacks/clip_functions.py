@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from stability_callbacks.stats import total_norm
+from stability_callbacks.stats import local_tensor, total_norm
 
 __all__ = [
     "CLIP_EPS",
@@ -49,7 +49,11 @@ def clip_coefficient(total: Tensor, max_norm: Tensor | float, eps: float = CLIP_
 
 
 def scale_grads_(grads: Sequence[Tensor], coef: Tensor) -> None:
-    """Multiply every gradient in place by the 0-d tensor ``coef`` (one fused call per device and dtype)."""
+    """Multiply every gradient in place by the 0-d tensor ``coef`` (one fused call per device and dtype).
+
+    DTensor gradients are scaled shard by shard, on each rank.
+    """
+    grads = [local_tensor(g) for g in grads]
     dense = [g for g in grads if not g.is_sparse]
     for g in grads:
         if g.is_sparse:
@@ -122,8 +126,10 @@ def clip_grad_norm_to(
 def clip_grad_value_(grads: Sequence[Tensor], max_value: float) -> None:
     """Clamp every gradient element to ``[-max_value, max_value]`` in place (fused per device and dtype).
 
-    Sparse gradients have their values clamped after coalescing (in place of ``grad._values()``).
+    Sparse gradients have their values clamped after coalescing (in place of ``grad._values()``);
+    DTensor gradients shard by shard, on each rank.
     """
+    grads = [local_tensor(g) for g in grads]
     dense = [g for g in grads if not g.is_sparse]
     for g in grads:
         if g.is_sparse:

@@ -31,7 +31,7 @@ from stability_callbacks._trainer import (
     log_scalars,
     optimizer_grads,
 )
-from stability_callbacks.stats import nonfinite_counts, total_norm
+from stability_callbacks.stats import local_tensor, nonfinite_counts, total_norm
 
 __all__ = ["GuardResult", "NonFiniteGradientError", "NonFiniteGuard"]
 
@@ -185,15 +185,17 @@ class NonFiniteGuard(StabilityCallback):
 
     @staticmethod
     def _describe(pl_module: pl.LightningModule, params: list[Tensor], limit: int = 5) -> str:
-        """Names and non-finite counts of the first parameters with non-finite gradients (host side)."""
+        """Names and non-finite counts of the first parameters with non-finite gradients in this rank's
+        gradients (or shards of them: no collective, so ranks may differ in what they describe)."""
         with_grad = [p for p in params if p.grad is not None]
-        counts = nonfinite_counts([p.grad for p in with_grad]).tolist()
+        counts = nonfinite_counts([local_tensor(p.grad) for p in with_grad]).tolist()  # type: ignore[arg-type]
         names = {id(p): n for n, p in pl_module.named_parameters()}
         bad = [(names.get(id(p), "?"), c) for p, c in zip(with_grad, counts, strict=True) if c]
-        if not bad:  # every value here is finite: the norm overflowed, or another rank's gradients are bad
-            if bool(torch.isfinite(total_norm([p.grad for p in with_grad]))):
-                return "no non-finite gradient on this rank: another rank's gradients were not finite"
-            return "the total norm overflowed"
+        if not bad:
+            return (
+                "no non-finite gradient on this rank: another rank's gradients were not finite, or their "
+                "total norm overflowed float32"
+            )
         shown = ", ".join(f"{n}: {c}" for n, c in bad[:limit])
         more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
         return f"non-finite values in {shown}{more}"

@@ -24,10 +24,16 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+try:  # DTensor: the gradients of FSDP2 (fully_shard) and tensor parallelism
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # a build of torch without torch.distributed
+    DTensor = Replicate = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "LayerIndex",
@@ -35,20 +41,73 @@ __all__ = [
     "combine_norms",
     "gradient_norms",
     "layer_norms",
+    "local_tensor",
     "nonfinite_counts",
     "reduce_total_norm",
     "tensor_norms",
     "tensor_stats",
     "total_norm",
+    "user_name",
     "wide_dtype",
 ]
 
 _NO_FLOAT64 = frozenset({"mps", "xla"})
 
+WRAPPER_NAMES = frozenset({"_orig_mod", "_checkpoint_wrapped_module"})
+"""Attribute names of transparent wrappers that own no parameters: ``torch.compile``'s ``OptimizedModule``
+keeps the model in ``_orig_mod``, activation checkpointing's ``CheckpointWrapper`` in
+``_checkpoint_wrapped_module``."""
+
+
+def user_name(name: str) -> str:
+    """The dotted module or parameter name as the user wrote it, without wrapper segments.
+
+    ``model._orig_mod.conv1.weight`` (a submodule compiled with ``torch.compile``) becomes
+    ``model.conv1.weight``, so compiled and eager runs log the same keys. Every name the library logs
+    goes through this function.
+    """
+    if not any(w in name for w in WRAPPER_NAMES):
+        return name
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_NAMES)
+
 
 def wide_dtype(device: torch.device) -> torch.dtype:
     """The dtype statistics accumulate in on ``device``: float64, or float32 where the device has none."""
     return torch.float32 if device.type in _NO_FLOAT64 else torch.float64
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The part of ``t`` this rank holds: the local shard of a DTensor (a partial sum is completed
+    first), ``t`` itself otherwise. In-place changes to it change ``t``."""
+    if DTensor is not None and isinstance(t, DTensor):
+        if any(p.is_partial() for p in t.placements):
+            t = t.redistribute(placements=[Replicate() if p.is_partial() else p for p in t.placements])
+        return t.to_local()
+    return t
+
+
+def _shard_groups(tensors: Sequence[Tensor | None]) -> dict[dist.ProcessGroup, list[int]]:
+    """For each process group over which some of the DTensors are sharded, their positions."""
+    groups: dict[dist.ProcessGroup, list[int]] = {}
+    if DTensor is None:
+        return groups
+    for i, t in enumerate(tensors):
+        if isinstance(t, DTensor):
+            for mesh_dim, placement in enumerate(t.placements):
+                if placement.is_shard():
+                    groups.setdefault(t.device_mesh.get_group(mesh_dim), []).append(i)
+    return groups
+
+
+def _reduce_over_shards(values: Tensor, shards: dict[dist.ProcessGroup, list[int]], op: Any) -> Tensor:
+    """All-reduce the entries of ``values`` at each group's positions over that group (one collective per
+    group: a single one under FSDP2), so that per-shard sums or maxima become those of whole tensors."""
+    for group, positions in shards.items():
+        index = torch.tensor(positions, device=values.device)
+        part = values.index_select(0, index)
+        dist.all_reduce(part, op=op, group=group)
+        values = values.index_copy(0, index, part)
+    return values
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -90,7 +149,24 @@ def tensor_norms(
 
     Returns:
         A float32 tensor of shape ``(len(tensors),)``.
+
+    DTensors (FSDP2, tensor parallelism) get the norm of the whole tensor: each rank takes the norm of
+    its shard and the powers are summed (maxima taken) over the mesh, one collective for all tensors
+    sharded over the same process group. Every rank must then call this with the same tensors.
     """
+    shards = _shard_groups(tensors)
+    if shards:
+        tensors = [None if t is None else local_tensor(t) for t in tensors]
+    out = _local_norms(tensors, norm_type, device)
+    if not shards:
+        return out
+    if math.isinf(norm_type):
+        return _reduce_over_shards(out, shards, dist.ReduceOp.MAX)
+    powers = out.to(wide_dtype(out.device)).pow(norm_type)
+    return _reduce_over_shards(powers, shards, dist.ReduceOp.SUM).pow(1.0 / norm_type).float()
+
+
+def _local_norms(tensors: Sequence[Tensor | None], norm_type: float, device: torch.device | None) -> Tensor:
     out_device = _out_device(tensors, device)
     groups = _groups(tensors)
     if len(groups) == 1:
@@ -151,14 +227,19 @@ def nonfinite_counts(tensors: Sequence[Tensor | None], device: torch.device | No
     """Number of NaN and infinite values in each tensor (int64, ``None`` and empty give 0).
 
     One small kernel per tensor: meant for logging steps, or after :func:`tensor_norms` has shown a
-    non-finite norm. Detecting *whether* a tensor has a non-finite value is free from its norm.
+    non-finite norm. Detecting *whether* a tensor has a non-finite value is free from its norm. DTensors
+    are counted whole (summed over the mesh, as in :func:`tensor_norms`); pass ``local_tensor(t)`` to
+    count this rank's shard alone.
     """
+    shards = _shard_groups(tensors)
+    if shards:
+        tensors = [None if t is None else local_tensor(t) for t in tensors]
     out_device = _out_device(tensors, device)
     out = torch.zeros(len(tensors), dtype=torch.int64, device=out_device)
     for idx in _groups(tensors).values():
         counts = [torch.isfinite(_dense(tensors[i])).logical_not_().sum() for i in idx]  # type: ignore[arg-type]
         out[torch.tensor(idx, device=out_device)] = torch.stack(counts).to(out_device)
-    return out
+    return _reduce_over_shards(out, shards, dist.ReduceOp.SUM) if shards else out
 
 
 @dataclass(frozen=True)
@@ -247,7 +328,8 @@ class LayerIndex:
     """Which trainable parameter belongs to which layer, so per-layer statistics are one scatter-add.
 
     A layer is a module that owns parameters directly; parameters owned by the root module form a
-    layer named after the parameter. With ``per="parameter"`` every parameter is its own layer.
+    layer named after the parameter. With ``per="parameter"`` every parameter is its own layer. Names
+    are the user's (:func:`user_name`: no ``_orig_mod.`` of a compiled submodule).
 
     Attributes:
         layer_names: dotted module names (or parameter names), one per layer.
@@ -271,7 +353,8 @@ class LayerIndex:
         params: list[nn.Parameter] = []
         layer_of: list[int] = []
         seen: set[int] = set()
-        for mod_name, mod in module.named_modules():
+        for raw_name, mod in module.named_modules():
+            mod_name = user_name(raw_name)
             for p_name, p in mod.named_parameters(recurse=False):
                 if id(p) in seen or (trainable_only and not p.requires_grad):
                     continue

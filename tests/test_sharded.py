@@ -1,0 +1,344 @@
+"""FSDP2 through Lightning's ``ModelParallelStrategy`` on CPU (gloo, 2 processes), against an unsharded run.
+
+Each ``Linear`` of a small MLP is put under ``fully_shard``; its 37 output rows split unevenly (19 and
+18). Every rank reads its own half of each global batch (rank r takes rows r, r + 2, ...; no
+distributed sampler), so the gradients FSDP2 averages are those of the unsharded model on the global
+batch, which a one-process reference fit in this process sees. For each callback both fits must give:
+
+- the same norms (the monitor's total and per-layer norms, the clippers' ``clip/*`` values), computed
+  from the local shards and summed over the mesh, to float32 rounding;
+- the same decisions (clipped or not, the thresholds, the guard's skips) and so the same final weights;
+- a NaN written into rank 1's shard alone (after the reduce-scatter) makes both ranks skip that step.
+
+The callbacks that cannot be exact under sharding yet (AGC, HistogramLogger, InitSwap, the autopilot's
+rollback) raise a clear error at setup instead.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import make_trainer
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from stability_callbacks import (
+    AGC,
+    AutoClip,
+    GradientMonitor,
+    HistogramLogger,
+    InitSwap,
+    NonFiniteGuard,
+    NormClip,
+    StabilityAutopilot,
+    ValueClip,
+    ZClip,
+)
+
+pytestmark = [
+    pytest.mark.ddp,
+    # the resumed fits start mid-epoch from a checkpoint of a plain (not resumable) data loader
+    pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
+]
+
+STEPS = 6
+BATCH = 8  # rows per rank and step; the reference takes 2 * BATCH
+NAN_STEP = 3
+DEADLINE_S = 300.0
+SCENARIOS = [
+    "GradientMonitor",
+    "NormClip",
+    "ZClip",
+    "AutoClip",
+    "ValueClip",
+    "NonFiniteGuard",
+    "tensor_parallel",
+]
+
+
+class ShardedMLP(pl.LightningModule):
+    """8 -> width -> width -> 3 with tanh. Under FSDP2 each Linear is put under fully_shard (37 rows split
+    19 + 18); under tensor parallelism (an even width: DTensor's matmuls need even halves) the first two
+    Linear layers are split column- then row-wise and the head stays whole on every rank."""
+
+    def __init__(self, width: int = 37) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 3)
+        )
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        if self.device_mesh["tensor_parallel"].size() > 1:  # column- then row-wise; the head stays whole
+            plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+            parallelize_module(self.net, self.device_mesh["tensor_parallel"], plan)
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class PoisonShard(Callback):
+    """At step ``NAN_STEP``, a NaN in one element of the first layer's gradient: on one rank's shard only
+    (sharded fit) or in the full gradient (reference), before any other callback."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: Any) -> None:
+        if trainer.global_step != NAN_STEP or trainer.global_rank != max(self.rank, 0):
+            return
+        grad = pl_module.net[0].weight.grad
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        local.view(-1)[0] = float("nan")
+
+
+class Record(Callback):
+    """After every other callback: the monitor's numbers, the clippers' decision counters."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: Any) -> None:
+        row: dict[str, Any] = {"step": trainer.global_step}
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, GradientMonitor) and cb.last_diagnosis is not None:
+                row["total"] = cb.last_diagnosis.total_norm
+                row["depth_ratio"] = cb.last_diagnosis.depth_ratio
+            if hasattr(cb, "clipped_steps"):
+                row["clipped"] = float(cb.clipped_steps)
+            if isinstance(cb, NonFiniteGuard):
+                row["skipped"] = cb.skipped
+        self.steps.append(row)
+
+
+def make_callbacks(scenario: str) -> list[Callback]:
+    return {
+        "GradientMonitor": lambda: [GradientMonitor(log_every_n_steps=1, warn=False)],
+        "NormClip": lambda: [NormClip(0.3)],
+        "ZClip": lambda: [ZClip(warmup_steps=2, z_thresh=0.5)],
+        "AutoClip": lambda: [AutoClip(percentile=50.0)],
+        "ValueClip": lambda: [ValueClip(0.02)],
+        "NonFiniteGuard": lambda: [NonFiniteGuard(max_consecutive=None)],
+        "tensor_parallel": lambda: [GradientMonitor(log_every_n_steps=1, warn=False), NormClip(0.3)],
+    }[scenario]()
+
+
+def global_data() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2 * BATCH * STEPS, 8, generator=g), torch.randint(
+        0, 3, (2 * BATCH * STEPS,), generator=g
+    )
+
+
+def fit(scenario: str, out: Path, rank: int | None) -> dict[str, Any]:
+    """One fit: sharded on this rank (``rank`` given) or the one-process reference (``rank=None``)."""
+    x, y = global_data()
+    poison = scenario == "NonFiniteGuard"
+    record = Record()
+    callbacks = [*make_callbacks(scenario), record]
+    if poison:
+        callbacks.insert(0, PoisonShard(1 if rank is not None else -1))
+    if rank is None or scenario == "tensor_parallel":  # tensor parallel: every rank sees the whole batch
+        loader = DataLoader(TensorDataset(x, y), batch_size=2 * BATCH)  # batch k = both ranks' batch k
+    else:
+        order = torch.arange(x.shape[0]).view(-1, 2)[:, rank]  # rows r, r + 2, ...
+        loader = DataLoader(TensorDataset(x[order], y[order]), batch_size=BATCH)
+    if rank is None:
+        trainer = make_trainer(
+            out, max_steps=STEPS, max_epochs=None, log_every_n_steps=1, callbacks=callbacks
+        )
+    else:
+        tp = 2 if scenario == "tensor_parallel" else 1
+        strategy = ModelParallelStrategy(
+            data_parallel_size=2 // tp, tensor_parallel_size=tp, timeout=timedelta(seconds=90)
+        )
+        trainer = make_trainer(
+            out,
+            devices=2,
+            strategy=strategy,
+            max_steps=STEPS,
+            max_epochs=None,
+            log_every_n_steps=1,
+            use_distributed_sampler=False,
+            callbacks=callbacks,
+        )
+    model = ShardedMLP(36 if scenario == "tensor_parallel" else 37)
+    trainer.fit(model, loader)
+    weights = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+    return {"steps": record.steps, "weights": [w.detach().clone() for w in weights]}
+
+
+class StateAtStart(Callback):
+    """The state of the ZClip of the trainer when training starts (after a checkpoint was restored)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        clipper = next(cb for cb in trainer.callbacks if isinstance(cb, ZClip))  # type: ignore[attr-defined]
+        self.state = clipper.state_dict()
+
+
+def resume_fit(out: Path, devices: int, ckpt: Path | None, steps: int) -> dict[str, Any]:
+    """ZClip under FSDP2 on ``devices`` processes, from ``ckpt`` (a distributed checkpoint) if given;
+    saves a distributed checkpoint at the end. Returns the ZClip's state at the start and at the end."""
+    x, y = global_data()
+    clipper, start = ZClip(warmup_steps=2), StateAtStart()
+    strategy = ModelParallelStrategy(
+        data_parallel_size=devices, tensor_parallel_size=1, timeout=timedelta(seconds=90)
+    )
+    trainer = make_trainer(
+        out, devices=devices, strategy=strategy, max_steps=steps, max_epochs=None, callbacks=[clipper, start]
+    )
+    trainer.fit(ShardedMLP(), DataLoader(TensorDataset(x, y), batch_size=BATCH), ckpt_path=ckpt)
+    trainer.save_checkpoint(out / "ckpt")
+    return {"start": start.state, "end": clipper.state_dict(), "global_step": trainer.global_step}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {}
+    for scenario in SCENARIOS:
+        try:
+            results[scenario] = fit(scenario, Path(out) / scenario, rank)
+        except Exception:
+            results[scenario] = {"error": traceback.format_exc()}
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    try:  # a distributed checkpoint, written and resumed by two ranks
+        first = resume_fit(Path(out) / "resume", 2, None, STEPS)
+        second = resume_fit(Path(out) / "resumed", 2, Path(out) / "resume" / "ckpt", STEPS + 2)
+        results["resume"] = {"first": first, "second": second}
+    except Exception:
+        results["resume"] = {"error": traceback.format_exc()}
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Every scenario on two spawned FSDP2 ranks; each rank's results."""
+    out = tmp_path_factory.mktemp("fsdp2")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, port, str(out))) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + DEADLINE_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if hung:
+        pytest.fail(f"FSDP2 ranks {hung} still running after {DEADLINE_S:.0f} s: a hang")
+    assert [p.exitcode for p in procs] == [0, 0]
+    return [{"out": out, **torch.load(out / f"rank{rank}.pt", weights_only=True)} for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_fsdp2_matches_the_unsharded_run(
+    sharded: list[dict[str, Any]], scenario: str, tmp_path: Path
+) -> None:
+    r0, r1 = (r[scenario] for r in sharded)
+    assert "error" not in r0, r0.get("error")
+    assert "error" not in r1, r1.get("error")
+    reference = fit(scenario, tmp_path, rank=None)
+    assert len(r0["steps"]) == len(r1["steps"]) == len(reference["steps"]) == STEPS
+    for a, b, ref in zip(r0["steps"], r1["steps"], reference["steps"], strict=True):
+        assert a == b  # every rank takes the same decisions and sees the same numbers
+        assert a.keys() == ref.keys()
+        for key, value in ref.items():
+            if isinstance(value, float):
+                assert a[key] == pytest.approx(value, rel=1e-5), (scenario, key, a["step"])
+            else:
+                assert a[key] == value, (scenario, key, a["step"])
+    for got, want in zip(r0["weights"], reference["weights"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if scenario == "NonFiniteGuard":
+        assert reference["steps"][-1]["skipped"] == 1  # the poisoned step was skipped on both ranks
+    if scenario in ("NormClip", "ZClip", "AutoClip", "ValueClip", "tensor_parallel"):
+        assert reference["steps"][-1]["clipped"] > 0  # the settings clip some steps
+
+
+def test_distributed_checkpoint_resumes_the_callback_state_on_two_ranks_and_on_one(
+    sharded: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r0, r1 = (r["resume"] for r in sharded)
+    assert "error" not in r0, r0.get("error")
+    assert "error" not in r1, r1.get("error")
+    saved = r0["first"]["end"]
+    assert saved["steps"] == STEPS and saved["policy"]  # the EMA statistics are there
+    assert r0["first"]["end"] == r1["first"]["end"]
+    assert r0["second"]["start"] == saved  # restored on both ranks from the distributed checkpoint
+    assert r1["second"]["start"] == saved
+    assert r0["second"]["end"]["steps"] == STEPS + 2  # and counted on from it
+    # another world size: one process resumes the two ranks' checkpoint
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    try:
+        one = resume_fit(tmp_path, 1, Path(sharded[0]["out"]) / "resume" / "ckpt", STEPS + 2)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert one["start"] == saved
+    assert one["end"]["steps"] == STEPS + 2
+
+
+@pytest.mark.parametrize(
+    ("callback", "match"),
+    [
+        (lambda: AGC(), "ZClip, AutoClip or NormClip"),
+        (lambda: HistogramLogger(), "data-parallel"),
+        (lambda: InitSwap(), "ModelParallelStrategy"),
+        (lambda: StabilityAutopilot(reinit=False), "rollback=False"),
+    ],
+)
+def test_callbacks_not_exact_under_sharding_refuse_at_setup(callback: Any, match: str) -> None:
+    cb = callback()
+    trainer = SimpleNamespace(
+        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        callbacks=[cb],
+        gradient_clip_val=None,
+        is_global_zero=True,
+    )
+    with pytest.raises(MisconfigurationException, match=match):
+        cb.setup(trainer, ShardedMLP(), "fit")  # type: ignore[arg-type]

@@ -15,10 +15,14 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from stability_callbacks.activation_graph import eager_compiled
+from stability_callbacks.stats import user_name
+
 __all__ = [
     "ForwardOrder",
     "StabilityCallback",
     "UnsupportedStrategyError",
+    "check_one_clipper",
     "check_reads_before_modifiers",
     "flush_loggers",
     "forward_order",
@@ -125,7 +129,7 @@ class UnsupportedStrategyError(MisconfigurationException, ValueError):
     """A callback cannot give exact results under the trainer's strategy (raised at setup)."""
 
 
-def refuse_sharded(trainer: pl.Trainer, name: str, why: str, instead: str) -> None:
+def refuse_sharded(trainer: pl.Trainer, name: str, why: str, instead: str, dtensor_ok: bool = False) -> None:
     """Raise :class:`UnsupportedStrategyError` at setup when the trainer's strategy shards the model.
 
     Args:
@@ -133,8 +137,13 @@ def refuse_sharded(trainer: pl.Trainer, name: str, why: str, instead: str) -> No
         name: the callback's class name.
         why: what would go wrong under sharding.
         instead: what the user can do instead.
+        dtensor_ok: the callback is exact on DTensor gradients, so ``ModelParallelStrategy`` (FSDP2 and
+            tensor parallelism) is accepted; FSDP1 and DeepSpeed, whose gradients are plain tensors
+            holding a flat shard, are still refused.
     """
     strategy = getattr(trainer, "strategy", None)
+    if dtensor_ok and isinstance(strategy, ModelParallelStrategy):
+        return
     if isinstance(strategy, _SHARDED_STRATEGIES):
         raise UnsupportedStrategyError(
             f"{name} does not support the sharded strategy {type(strategy).__name__}: {why}. {instead}"
@@ -158,6 +167,36 @@ def check_reads_before_modifiers(trainer: pl.Trainer, callback: Callback) -> Non
         )
 
 
+def check_one_clipper(trainer: pl.Trainer, callback: Callback) -> None:
+    """Raise a clear error at setup when ``trainer.callbacks`` holds another callback that clips gradients.
+
+    Two clippers (``ZClip`` and ``AutoClip``, ``NormClip`` and ``AGC``, ``StabilityAutopilot`` with its
+    own clipper and ``ZClip``...) would both act on the same step, each on what the other left, and write
+    the same ``clip/*`` keys at the same step. Callbacks with distinct roles and keys compose:
+    ``NonFiniteGuard`` (``guard/*``) with one clipper (``clip/*``) is allowed. A callback that is not in
+    ``trainer.callbacks`` (the clipper an autopilot drives) is not checked here; its owner is.
+    """
+    callbacks = list(getattr(trainer, "callbacks", []))
+    if callback not in callbacks:
+        return
+    clippers = [c for c in callbacks if getattr(c, "clips_gradients", False)]
+    if len(clippers) < 2:
+        return
+    names = [_clipper_name(c) for c in clippers]
+    raise MisconfigurationException(
+        f"{' and '.join(names)} both clip the gradients: each would act on what the other left, at the same "
+        "step, and both write the `clip/*` keys. Keep one of them in `Trainer(callbacks=[...])`"
+        " (NonFiniteGuard with one clipper is fine: the guard skips non-finite steps and logs `guard/*`)."
+    )
+
+
+def _clipper_name(callback: Callback) -> str:
+    children = getattr(callback, "children", None)
+    owned = children.get("clipper") if isinstance(children, dict) else None
+    name = type(callback).__name__
+    return f"{name} (which owns a {type(owned).__name__})" if owned is not None else name
+
+
 class StabilityCallback(Callback):
     """Base of the library's callbacks: flushes the loggers on checkpoint save, on exception and at teardown,
     so nothing a callback logged is lost when a run stops.
@@ -169,10 +208,13 @@ class StabilityCallback(Callback):
     - ``reads_gradients``: measures them and must come before every callback that modifies them
       (:func:`check_reads_before_modifiers`);
     - ``hides_nonfinite``: turns infinite gradient elements into finite ones (``ValueClip``), so a
-      non-finite check must come before it.
+      non-finite check must come before it;
+    - ``clips_gradients``: clips them (the clippers, an autopilot that owns one): one such callback a
+      trainer (:func:`check_one_clipper`).
     """
 
     modifies_gradients: bool = False
+    clips_gradients: bool = False
     reads_gradients: bool = False
     hides_nonfinite: bool = False
 
@@ -200,7 +242,8 @@ def forward_order(module: nn.Module) -> Iterator[list[str]]:
             model(batch)
         # order == ["embed", "layers.0", ..., "head"]
 
-    Each module is listed once, at its first call. The hooks are removed on exit.
+    Each module is listed once, at its first call, by its user name (no ``_orig_mod.`` of a compiled
+    submodule: :func:`~stability_callbacks.stats.user_name`). The hooks are removed on exit.
     """
     order: list[str] = []
     seen: set[str] = set()
@@ -216,7 +259,7 @@ def forward_order(module: nn.Module) -> Iterator[list[str]]:
 
     for name, mod in module.named_modules():
         if any(True for _ in mod.parameters(recurse=False)):
-            handles.append(mod.register_forward_pre_hook(make_hook(name)))
+            handles.append(mod.register_forward_pre_hook(make_hook(user_name(name))))
     try:
         yield order
     finally:
@@ -229,8 +272,9 @@ class ForwardOrder:
 
     ``start(module)`` in ``on_train_batch_start`` records the modules that own parameters as they run
     (:func:`forward_order`); ``stop()`` in ``on_before_optimizer_step``, ``on_train_batch_end`` or on an
-    exception removes the hooks. Afterwards :attr:`order` is the recorded list (empty when no hook ran,
-    e.g. a compiled module), ``None`` before any recording.
+    exception removes the hooks. While it records, ``torch.compile``'d code runs eagerly (its hooks would
+    not run otherwise). Afterwards :attr:`order` is the recorded list (empty when no hook ran), ``None``
+    before any recording.
     """
 
     def __init__(self) -> None:
@@ -248,6 +292,7 @@ class ForwardOrder:
         if self.order is None and self._stack is None:
             self._stack = ExitStack()
             self._recording = self._stack.enter_context(forward_order(module))
+            self._stack.enter_context(eager_compiled())  # so that the hooks run in compiled modules too
 
     def stop(self) -> bool:
         """Remove the hooks; ``True`` when this call ended a recording."""

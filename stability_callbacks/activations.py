@@ -10,22 +10,36 @@ Two failure modes of activations starve the gradient of the layers below them:
   (Glorot & Bengio, "Understanding the difficulty of training deep feedforward neural networks", 2010).
 
 The functions here are plain PyTorch and never sync with the host; :class:`ActivationMonitor`
-computes them from forward hooks that exist only during the first micro-batch of a logging step.
+computes them from forward hooks that exist only during the first micro-batch of a logging step. It
+sees what a real training step runs (a
+:class:`~stability_callbacks.activation_graph.ForwardRecorder`): activation modules of torch, timm and
+transformers, functional activations (``F.relu`` inside ``nn.TransformerEncoderLayer``), the hidden
+states of recurrent layers, and compiled modules (run eagerly on that micro-batch).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 
 from stability_callbacks._checks import check_int
 from stability_callbacks._trainer import StabilityCallback, is_logging_step, log_scalars
+from stability_callbacks.activation_graph import (
+    ActivationEvent,
+    ForwardRecorder,
+    compiled_modules,
+    eager_compiled,
+    module_activation,
+)
+from stability_callbacks.init_schemes import Activation
+from stability_callbacks.stats import user_name
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -66,8 +80,23 @@ SATURATION = 0.99
 
 
 def is_activation(module: nn.Module) -> bool:
-    """Whether ``module`` is one of :data:`ACTIVATION_TYPES` (or a subclass of one)."""
-    return isinstance(module, ACTIVATION_TYPES)
+    """Whether ``module`` is an activation: one of :data:`ACTIVATION_TYPES` (or a subclass), or one that
+    :func:`~stability_callbacks.activation_graph.module_activation` knows (timm's and transformers'
+    activation classes, by name)."""
+    return isinstance(module, ACTIVATION_TYPES) or module_activation(module) is not None
+
+
+def _kind_rule(activation: Activation) -> Callable[[Tensor], Tensor] | None:
+    """Saturation by activation kind, for functions and for modules known by name (default bounds)."""
+    if activation.kind == "tanh":
+        return lambda y: y.abs() > SATURATION
+    if activation.kind == "sigmoid":
+        return lambda y: (y < 1.0 - SATURATION) | (y > SATURATION)
+    if activation.kind in ("elu", "celu"):
+        return lambda y: y < -SATURATION
+    if activation.kind == "selu":
+        return lambda y: y < -SATURATION * 1.0507009873554805 * 1.6732632423543772
+    return None
 
 
 def _saturation_rule(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
@@ -87,7 +116,12 @@ def _saturation_rule(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
     if isinstance(module, nn.SELU):  # tends to -scale * alpha
         floor = -SATURATION * 1.0507009873554805 * 1.6732632423543772
         return lambda y: y < floor
-    return None
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):  # hidden states, bounded by tanh
+        return None if getattr(module, "nonlinearity", "tanh") == "relu" else lambda y: y.abs() > SATURATION
+    if type(module).__module__.startswith("torch.nn."):
+        return None
+    act = module_activation(module)  # timm's and transformers' classes, by name
+    return None if act is None else _kind_rule(act)
 
 
 def has_saturation(module: nn.Module) -> bool:
@@ -140,33 +174,50 @@ def saturated_fraction(y: Tensor, module: nn.Module) -> Tensor | None:
     return rule(y.detach().float()).float().mean()
 
 
-def activation_stats(y: Tensor, module: nn.Module) -> Tensor:
+def activation_stats(y: Tensor, module: nn.Module | Activation) -> Tensor:
     """Dead fraction, saturated fraction and standard deviation of an activation output.
 
     Args:
-        y: the module's output (any float dtype; computed in float32).
-        module: the module that produced it.
+        y: the output (any float dtype; computed in float32).
+        module: the module that produced it, or the :class:`~stability_callbacks.init_schemes.Activation`
+            a function applied (``F.relu``: kind ``"relu"``).
 
     Returns:
         A float32 tensor ``[dead, saturated, std]`` on ``y``'s device; ``saturated`` is NaN when the
-        module has no saturated range, ``std`` is the population standard deviation of all values.
+        activation has no saturated range, ``std`` is the population standard deviation of all values.
     """
     y = y.detach()
-    sat = saturated_fraction(y, module)
-    if sat is None:
-        sat = torch.full((), float("nan"), device=y.device)
+    rule = _kind_rule(module) if isinstance(module, Activation) else _saturation_rule(module)
+    none = torch.full((), float("nan"), device=y.device)
+    sat = none if rule is None else rule(y.float()).float().mean()
     std = y.float().std(correction=0)
     return torch.stack([dead_fraction(y), sat, std])
 
 
 class ActivationMonitor(StabilityCallback):
-    """Dead and saturated units and output spread of each activation module, every ``n`` steps.
+    """Dead and saturated units and output spread of each activation, every ``n`` steps.
 
-    On a logging step, forward hooks on the chosen modules compute :func:`activation_stats` on the
-    device during the first micro-batch of that optimizer step; the hooks are removed right after
-    it, and the values are logged in ``on_before_optimizer_step`` with one host transfer for all of
-    them. Other steps have no hooks and no cost. If a module runs several times in one forward pass,
-    its first call counts. Computed and logged on global rank zero.
+    On a logging step it watches the forward pass of the first micro-batch of that optimizer step
+    (from ``on_train_batch_start`` to ``on_before_backward``) and computes :func:`activation_stats` on
+    the device for every activation that runs; the values are logged in ``on_before_optimizer_step``
+    with one host transfer for all of them. Other steps have no hooks and no cost. If an activation
+    runs several times in one forward pass, its first call counts. Computed and logged on global rank
+    zero. What it watches, with ``modules=None``:
+
+    - activation modules: torch's (:data:`ACTIVATION_TYPES`) and, by class name, timm's and
+      transformers' (``NewGELUActivation``, ``QuickGELU``, ``Swish``...); a function called inside one
+      (HF's GELU calls ``torch.tanh``) is part of it, not a second activation;
+    - functional activations (``F.relu``, ``torch.tanh``, ``x.sigmoid()``...) called in ``forward``, seen
+      by a ``TorchFunctionMode``: ``nn.TransformerEncoderLayer``'s ``F.relu`` is
+      ``act/*/<that layer>.relu`` (a second call in the same module ``relu_1``...);
+    - recurrent layers (LSTM, GRU, RNN and their cells): their gates run inside one fused kernel and
+      cannot be seen, which it says once; their hidden states (bounded by tanh) are logged under the
+      layer's name instead.
+
+    Under ``torch.compile`` the watched micro-batch runs eagerly (``torch.compiler.set_stance``), so
+    compiled and eager runs log the same keys; where torch has no ``set_stance`` it says once that it
+    cannot see inside compiled modules. When nothing ran under its hooks it says so once, too. Names
+    are the user's: a compiled submodule's ``_orig_mod.`` is left out.
 
     The keys are per-module detail, written straight to every logger (``logger.log_metrics``), so
     their number does not slow down the step through ``self.log``:
@@ -182,8 +233,8 @@ class ActivationMonitor(StabilityCallback):
 
     Args:
         every_n_steps: log on optimizer steps ``n-1, 2n-1, ...`` (Lightning's convention).
-        modules: dotted names of the modules to watch; ``None`` for every activation module
-            (:data:`ACTIVATION_TYPES`). Unknown names raise ``ValueError`` at setup.
+        modules: dotted names of the modules to watch (any module: its output is measured); ``None``
+            for every activation, as above. Unknown names raise ``ValueError`` at setup.
     """
 
     def __init__(self, every_n_steps: int = 50, modules: str | Sequence[str] | None = None) -> None:
@@ -196,91 +247,164 @@ class ActivationMonitor(StabilityCallback):
         self.every_n_steps = every_n_steps
         self.modules = None if names is None else list(names)
         self._watched: list[tuple[str, nn.Module]] = []
-        self._handles: list[RemovableHandle] = []
+        self._stack: ExitStack | None = None
+        self._recorder: ForwardRecorder | None = None
         self._stats: dict[str, Tensor] = {}
+        self._bounded: dict[str, bool] = {}
         self._step = -1
+        self._warned: set[str] = set()
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, modules=self.modules)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_stack=None, _recorder=None, _stats={}, _watched=[])
+        return state
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(f"ActivationMonitor: {message}")
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        named = dict(pl_module.named_modules())
+        self._watched = []
         if self.modules is None:
-            self._watched = [(n, m) for n, m in named.items() if n and is_activation(m)]
             return
+        named = {user_name(n): m for n, m in pl_module.named_modules()}
+        named.update(pl_module.named_modules())
         missing = [n for n in self.modules if n not in named]
         if missing:
             raise ValueError(
                 f"`modules` names modules that {type(pl_module).__name__} does not have: {missing}"
             )
-        self._watched = [(n, named[n]) for n in self.modules]
+        self._watched = [(user_name(n), named[n]) for n in self.modules]
+
+    # -- the watched forward pass ------------------------------------------------------------------
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if (
             not trainer.is_global_zero
-            or not self._watched
             or not is_logging_step(trainer, self.every_n_steps)
             or self._step == trainer.global_step  # a later micro-batch of the same optimizer step
         ):
             return
         self._step = trainer.global_step
-        self._stats = {}
-        for name, module in self._watched:
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        self._stats, self._bounded = {}, {}
+        compiled = compiled_modules(pl_module)
+        self._stack = ExitStack()
+        if self.modules is None:
+            self._recorder = ForwardRecorder(self._record, recurrent=True, watch=is_activation)
+            self._stack.enter_context(self._recorder.start(pl_module))
+            eager = self._recorder.recording and getattr(torch.compiler, "set_stance", None) is not None
+        else:
+            for name, module in self._watched:
+                self._stack.callback(module.register_forward_hook(self._make_hook(name, module)).remove)
+            eager = self._stack.enter_context(eager_compiled())
+        if compiled and not eager:
+            self._warn_once(
+                "compiled",
+                f"cannot see inside the compiled modules {compiled} (this torch has no "
+                "torch.compiler.set_stance to run them eagerly while it watches); their activations are "
+                "not logged.",
+            )
 
-    def _make_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        stats = self._stats
+    def _record(self, event: ActivationEvent) -> None:
+        y = event.output
+        if event.name in self._stats or y is None or y.numel() == 0 or not y.is_floating_point():
+            return
+        source: nn.Module | Activation = event.module if event.module is not None else event.activation
+        self._stats[event.name] = activation_stats(y, source)
+        rule = _kind_rule(source) if isinstance(source, Activation) else _saturation_rule(source)
+        self._bounded[event.name] = rule is not None
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if name in stats or not isinstance(output, Tensor) or output.numel() == 0:
+    def _make_hook(self, name: str, module: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(mod: nn.Module, args: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) and output else output
+            if name in self._stats or not isinstance(out, Tensor) or out.numel() == 0:
                 return
-            if not (output.is_floating_point() or output.dtype == torch.bool):
+            if not (out.is_floating_point() or out.dtype == torch.bool):
                 return
-            stats[name] = activation_stats(output, module)
+            self._stats[name] = activation_stats(out, module)
+            self._bounded[name] = has_saturation(module)
 
         return hook
 
-    def _remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def _end_forward(self) -> None:
+        """Remove the hooks (and leave the ``TorchFunctionMode``); the statistics stay."""
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._end_forward()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._remove_hooks()
+        self._end_forward()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
+        self._end_forward()
         self._stats = {}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Drop references to the model so a pickled callback does not carry it.
-        self._remove_hooks()
-        self._watched, self._stats = [], {}
+        self._end_forward()
+        self._watched, self._stats, self._recorder = [], {}, None
         super().teardown(trainer, pl_module, stage)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._remove_hooks()
+        self._end_forward()
         super().on_exception(trainer, pl_module, exception)
+
+    # -- the logging step --------------------------------------------------------------------------
+
+    def _explain(self, pl_module: nn.Module) -> None:
+        """Say once what the watched forward pass could not show."""
+        rec = self._recorder
+        if rec is None:
+            if self._watched and not self._stats:
+                self._warn_once(
+                    "none", f"none of the modules {[n for n, _ in self._watched]} ran in the step."
+                )
+            return
+        if rec.error is not None:
+            self._warn_once("error", f"stopped watching after an error in its own hooks ({rec.error}).")
+        recurrent = [
+            user_name(n) for n, m in pl_module.named_modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))
+        ]
+        if recurrent:
+            self._warn_once(
+                "gates",
+                f"the gates of the recurrent layers {recurrent} run inside one fused kernel and cannot be "
+                "seen; act/*/<layer> are their hidden states instead.",
+            )
+        if not self._stats:
+            how = "no module ran under its hooks" if not rec.modules_run else "no activation ran"
+            self._warn_once(
+                "none", f"found no activation in the training step of {type(pl_module).__name__} ({how})."
+            )
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        self._remove_hooks()
-        if self._step != trainer.global_step or not self._stats:
+        self._end_forward()
+        if self._step != trainer.global_step or (self._recorder is None and not self._watched):
             return
+        self._explain(pl_module)
+        self._recorder = None
         stats, self._stats = self._stats, {}
-        modules = dict(self._watched)
         detail: dict[str, Tensor] = {}
         for name, values in stats.items():
             detail[f"act/dead/{name}"] = values[0]
-            if has_saturation(modules[name]):
+            if self._bounded.get(name, False):
                 detail[f"act/saturated/{name}"] = values[1]
             detail[f"act/std/{name}"] = values[2]
-        log_scalars(trainer, detail)
+        if detail:
+            log_scalars(trainer, detail)

@@ -31,10 +31,12 @@ from torch.optim import Optimizer
 from stability_callbacks._checks import check_bool, check_int, check_number
 from stability_callbacks._trainer import (
     StabilityCallback,
+    check_one_clipper,
     is_logging_step,
     log_every,
     log_scalars,
     optimizer_grads,
+    refuse_sharded,
     tensorboard_writer,
 )
 from stability_callbacks.clipping import AGC, AutoClip, ClippingCallback, ZClip
@@ -124,6 +126,7 @@ class StabilityAutopilot(StabilityCallback):
     """
 
     modifies_gradients = True
+    clips_gradients = True  # per instance: False with clipper=None
 
     def __init__(
         self,
@@ -189,6 +192,7 @@ class StabilityAutopilot(StabilityCallback):
                 if isinstance(clipper, str)
                 else clipper
             )
+        self.clips_gradients = "clipper" in self.children
         self.rollback = rollback
         self.max_consecutive_skips = max_consecutive_skips
         self.lr_factor = float(lr_factor)
@@ -259,6 +263,15 @@ class StabilityAutopilot(StabilityCallback):
             getattr(child, hook)(*args)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.rollback:
+            refuse_sharded(
+                trainer,
+                type(self).__name__,
+                "its rollback snapshots do not hold DTensor shards yet",
+                "Use StabilityAutopilot(rollback=False, reinit=False): the guard and the clipper work there.",
+            )
+        if stage == "fit":
+            check_one_clipper(trainer, self)
         self._forward("setup", trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -430,6 +443,9 @@ class StabilityAutopilot(StabilityCallback):
                 return  # the gradients were dropped: nothing to clip
         if isinstance(clipper, ClippingCallback):
             clipper.clip(trainer, pl_module, params, grads, norm)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._forward("on_before_backward", trainer, pl_module, loss)  # the forward pass is over
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -42,6 +42,7 @@ from stability_callbacks._checks import check_int, check_number
 from stability_callbacks._trainer import (
     ForwardOrder,
     StabilityCallback,
+    check_one_clipper,
     is_logging_step,
     log_every,
     log_scalars,
@@ -57,7 +58,7 @@ from stability_callbacks.clip_functions import (
     scale_grads_,
 )
 from stability_callbacks.policies import PercentilePolicy, ZScorePolicy
-from stability_callbacks.stats import total_norm
+from stability_callbacks.stats import total_norm, user_name
 
 __all__ = [
     "AGC",
@@ -82,8 +83,11 @@ __all__ = [
 ]
 
 
-def check_clipping_setup(trainer: pl.Trainer, name: str) -> None:
-    """Raise a clear error where a clipping callback cannot be correct (called at setup)."""
+def check_clipping_setup(trainer: pl.Trainer, name: str, dtensor_ok: bool = True) -> None:
+    """Raise a clear error where a clipping callback cannot be correct (called at setup).
+
+    ``dtensor_ok``: the callback is exact on DTensor gradients (``ModelParallelStrategy``).
+    """
     clip_val = getattr(trainer, "gradient_clip_val", None)
     if clip_val:
         raise MisconfigurationException(
@@ -93,8 +97,12 @@ def check_clipping_setup(trainer: pl.Trainer, name: str) -> None:
     refuse_sharded(
         trainer,
         name,
-        "each rank holds a shard of the gradients, so the local norm is not the global one",
-        "Use DDP, or clip with the strategy's own `clip_grad_norm_`.",
+        "each rank holds a shard of the gradients, so the local norms are not the global ones",
+        "Use DDP, or ModelParallelStrategy (FSDP2, tensor parallel): it clips DTensor gradients exactly."
+        if dtensor_ok
+        else "Use DDP, or ZClip, AutoClip or NormClip, which clip the DTensor gradients of "
+        "ModelParallelStrategy exactly.",
+        dtensor_ok=dtensor_ok,
     )
 
 
@@ -136,6 +144,8 @@ class ClippingCallback(StabilityCallback):
     """
 
     modifies_gradients = True
+    clips_gradients = True
+    supports_dtensor = True  # exact on the DTensor gradients of ModelParallelStrategy
 
     def __init__(self, log_every_n_steps: int | None = None) -> None:
         super().__init__()
@@ -164,7 +174,8 @@ class ClippingCallback(StabilityCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            check_clipping_setup(trainer, type(self).__name__)
+            check_clipping_setup(trainer, type(self).__name__, self.supports_dtensor)
+            check_one_clipper(trainer, self)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_clipping_fit_start(trainer, pl_module, type(self).__name__)
@@ -483,6 +494,8 @@ class ZClip(ClippingCallback):
 class AGC(ClippingCallback):
     """Unit-wise adaptive gradient clipping (Brock et al. 2021), fused across parameters.
 
+    Not under sharded strategies yet: setup raises a clear error there.
+
     With ``exclude=[]`` the gradients equal those of ``timm.utils.agc.adaptive_clip_grad``. Sparse
     gradients are left alone.
 
@@ -500,6 +513,8 @@ class AGC(ClippingCallback):
         coef="``norm_post / norm_pre``",
         clipped="fraction of the units (rows, output channels) that were clipped",
     )
+
+    supports_dtensor = False
 
     def __init__(
         self,
@@ -534,11 +549,11 @@ class AGC(ClippingCallback):
         """Once the first forward pass has run, exclude the parameters of the last layer it called."""
         if not self._order.stop() or not self._order.order:
             return
-        last = self._order.order[-1]
+        last = self._order.order[-1]  # a user name, as are the names matched in _plan
         prefix = f"{last}." if last else ""
-        self.excluded_names = [
-            prefix + n for n, _ in pl_module.get_submodule(last).named_parameters(recurse=False)
-        ]
+        module = next((m for n, m in pl_module.named_modules() if user_name(n) == last), None)
+        params = [] if module is None else module.named_parameters(recurse=False)
+        self.excluded_names = [prefix + n for n, _ in params]
         self._cache_plan = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -553,7 +568,7 @@ class AGC(ClippingCallback):
         """The unit layout of ``params`` with its exclusion mask, built again when the parameters change."""
         key = tuple(map(id, params))
         if self._cache_plan is None or self._cache_plan[0] != key:
-            names = {id(p): n for n, p in pl_module.named_parameters()}
+            names = {id(p): user_name(n) for n, p in pl_module.named_parameters()}
             plan = UnitwisePlan(params)
             mask = torch.cat(
                 [

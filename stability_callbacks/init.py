@@ -18,7 +18,10 @@ Example, from a plain PyTorch loop::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -38,7 +41,12 @@ from stability_callbacks._trainer import (
     refuse_sharded,
     tensorboard_writer,
 )
-from stability_callbacks.activation_graph import following_activations, fx_traceable
+from stability_callbacks.activation_graph import (
+    ForwardRecorder,
+    eager_compiled,
+    following_activations,
+    registration_activations,
+)
 from stability_callbacks.init_report import InitRecord, InitReport
 from stability_callbacks.init_schemes import (
     LSUV_TYPES,
@@ -46,14 +54,20 @@ from stability_callbacks.init_schemes import (
     NORMAL_STD,
     SCHEMES,
     Activation,
+    LSUVPass,
     LSUVResult,
     activation_gain,
+    default_init,
     init_parameter_,
     init_tensor_,
     lsuv_,
     lsuv_layer_names,
+    matches_default,
+    orthogonal_layers_,
+    own_init_method,
 )
 from stability_callbacks.monitor import GradientDiagnostician, OptimizerLayers, measure_gradients
+from stability_callbacks.stats import user_name
 
 __all__ = [
     "NORMAL_STD",
@@ -62,14 +76,17 @@ __all__ = [
     "InitRecord",
     "InitReport",
     "InitSwap",
+    "LSUVPass",
     "LSUVResult",
     "activation_gain",
     "broadcast_module_",
     "check_overrides_match",
+    "finish_lsuv",
     "following_activations",
     "init_swap",
     "init_tensor_",
     "lsuv_",
+    "lsuv_pass",
 ]
 
 # -- the report -------------------------------------------------------------------------------------
@@ -90,16 +107,32 @@ def _check_overrides(overrides: Mapping[str, str] | None) -> dict[str, str]:
 # -- the model --------------------------------------------------------------------------------------
 
 
-def _named_params(model: nn.Module) -> list[tuple[str, str, nn.Module, str, nn.Parameter]]:
-    """(layer name, param name, module, local name, parameter) for every parameter, once each."""
-    seen: set[int] = set()
-    out = []
-    for mod_name, m in model.named_modules():
+@dataclass(frozen=True)
+class _Param:
+    layer: str  # user name of the owning module
+    name: str  # user name of the parameter
+    module_name: str  # the owning module's name in named_modules() (for lookups)
+    module: nn.Module
+    local: str
+    param: nn.Parameter
+    aliases: tuple[str, ...]  # other names of the same (tied) parameter
+
+
+def _named_params(model: nn.Module) -> list[_Param]:
+    """Every parameter once, under its first name; a tied parameter (GPT-2's ``lm_head.weight`` is
+    ``wte.weight``) keeps its other names as aliases."""
+    first: dict[int, int] = {}
+    out: list[_Param] = []
+    for raw, m in model.named_modules():
+        mod_name = user_name(raw)
         for local, p in m.named_parameters(recurse=False):
-            if id(p) in seen:
+            full = f"{mod_name}.{local}" if mod_name else local
+            if id(p) in first:
+                i = first[id(p)]
+                out[i] = replace(out[i], aliases=(*out[i].aliases, full))
                 continue
-            seen.add(id(p))
-            out.append((mod_name, f"{mod_name}.{local}" if mod_name else local, m, local, p))
+            first[id(p)] = len(out)
+            out.append(_Param(mod_name, full, raw, m, local, p, ()))
     return out
 
 
@@ -111,8 +144,8 @@ def check_overrides_match(model: nn.Module, overrides: Mapping[str, str] | None)
         overrides: ``{fnmatch pattern: scheme}``.
     """
     names: set[str] = set()
-    for layer, param, *_ in _named_params(model):
-        names.update((layer, param))
+    for p in _named_params(model):
+        names.update((p.layer, p.name, *p.aliases))
     for pattern in _check_overrides(overrides):
         if not any(fnmatchcase(n, pattern) for n in names):
             raise ValueError(
@@ -120,18 +153,57 @@ def check_overrides_match(model: nn.Module, overrides: Mapping[str, str] | None)
             )
 
 
-def _stds(tensors: Sequence[Tensor]) -> list[float]:
+def _summaries(tensors: Sequence[Tensor]) -> list[tuple[float, float, float]]:
+    """(population std, min, max) of each tensor, with one host transfer per device."""
     if not tensors:
         return []
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
-    out = [0.0] * len(tensors)
+    out = [(0.0, 0.0, 0.0)] * len(tensors)
     for idx in by_device.values():
-        values = torch.stack([tensors[i].detach().float().std(correction=0) for i in idx]).tolist()
-        for i, v in zip(idx, values, strict=True):
-            out[i] = v
+        rows = []
+        for i in idx:
+            t = tensors[i].detach().float()
+            rows.append(torch.stack([t.std(correction=0), t.min(), t.max()]) if t.numel() else t.new_zeros(3))
+        for i, row in zip(idx, torch.stack(rows).tolist(), strict=True):
+            out[i] = (row[0], row[1], row[2])
     return out
+
+
+def _self_initialising(model: nn.Module) -> dict[str, str]:
+    """``{module name: why}`` for every module inside one whose class initialises it (its own
+    ``init_weights``, ``_init_weights`` or ``reset_parameters``); the outermost such module names it."""
+    found: dict[str, str] = {}
+    owners: list[tuple[str, str]] = []  # outermost first: named_modules() lists parents first
+    for raw, m in model.named_modules():
+        method = own_init_method(m)
+        if method is not None:
+            where = f" ({user_name(raw)})" if raw else ""
+            owners.append((raw, f"kept: {type(m).__name__}{where} initialises itself ({method})"))
+        for owner, why in owners:
+            if not owner or raw == owner or raw.startswith(f"{owner}."):
+                found[raw] = why
+                break
+    return found
+
+
+def _custom_reason(p: _Param, summary: tuple[float, float, float]) -> str | None:
+    """Why ``p`` holds the model's own initialisation rather than PyTorch's default (``None`` if it holds
+    the default: a layer nobody initialised)."""
+    std, low, high = summary
+    spec = default_init(p.module, p.local, p.param)
+    kind = type(p.module).__name__
+    if spec is None:
+        return f"kept: {kind} is not a torch layer with a known default, so the model initialised it"
+    if matches_default(spec, p.param.numel(), std, low, high):
+        return None
+    if p.param.dim() < 2 and "bias" in p.local and low == 0.0 and high == 0.0:
+        return None  # a zero bias is what 'auto' sets anyway
+    if spec[0] == "constant":
+        return f"kept: the model set it (PyTorch's default is {spec[1]:g} everywhere)"
+    default_std = spec[1] / math.sqrt(3.0) if spec[0] == "uniform" else spec[1]
+    return f"kept: the model's own initialisation (std {std:.3g}; PyTorch's default {default_std:.3g})"
 
 
 def init_swap(
@@ -140,31 +212,53 @@ def init_swap(
     sample_input: Any | None = None,
     overrides: Mapping[str, str] | None = None,
     *,
+    activations: tuple[Mapping[str, Activation | None], str] | None = None,
+    keep_custom: bool = True,
+    defer_lsuv: bool = False,
     lsuv_tol: float = 0.1,
     lsuv_max_iters: int = 10,
     lsuv_center: bool = True,
     forget_bias: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> InitReport:
-    """Re-initialise every trainable parameter of ``model`` in place for the activations it uses.
+    """Re-initialise the trainable parameters of ``model`` in place for the activations it uses.
 
     Parameters keep their identity (values are copied in under ``torch.no_grad``), so an optimizer
-    holding them keeps working. Frozen parameters (``requires_grad=False``) and embeddings are kept
-    unless an override names them. Normalisation layers get weight 1 and bias 0 (and fresh running
-    statistics); biases 0; other 1-D parameters are kept (no fan-based scheme applies to them).
-    Recurrent layers get Xavier input weights and orthogonal recurrent weights per gate block, zero
-    biases and, for LSTMs, a total forget-gate bias of ``forget_bias``.
+    holding them keeps working. A tied parameter is initialised once, under its first name (the report
+    gives the others). Frozen parameters (``requires_grad=False``), embeddings and parameters that are
+    not layer weights (a ViT's ``cls_token``) are kept unless an override names them. Normalisation
+    layers get weight 1 and bias 0 (and fresh running statistics); biases 0; other 1-D parameters are
+    kept (no fan-based scheme applies to them). Recurrent layers get Xavier input weights and
+    orthogonal recurrent weights per gate block, zero biases and, for LSTMs, a total forget-gate bias of
+    ``forget_bias``.
+
+    With ``scheme="auto"`` and ``keep_custom=True`` only the layers that nobody initialised change:
+    kept are the layers of a model or module whose class initialises itself (an ``init_weights``,
+    ``_init_weights`` or ``reset_parameters`` of its own: every transformers model, timm's ViT,
+    Lightning's demo ``SimpleLSTM``), layers whose values are not drawn from PyTorch's default
+    (:func:`~stability_callbacks.init_schemes.default_init`: torchvision's He fan-out convolutions, an
+    ``nn.init`` call in ``__init__``) and layers of a type torch does not define (transformers'
+    ``Conv1D``); the report says ``kept`` and why. An explicit scheme, ``"lsuv"``, an override or
+    ``keep_custom=False`` re-initialise them too.
 
     Args:
         model: the model.
         scheme: one of :data:`SCHEMES`. ``"auto"`` picks per layer from the activation that follows it
-            (He for the ReLU family, Xavier with tanh gain 5/3 for tanh, Xavier for sigmoid and none);
-            an explicit scheme is applied with the gain of that activation; ``"lsuv"`` is the ``auto``
-            treatment plus LSUV on the Linear/Conv layers.
-        sample_input: a data batch, needed for ``"lsuv"`` and used to find activations where the model
-            does not trace with ``torch.fx``.
+            (He for the ReLU family and the smooth rectifiers GELU, SiLU, Mish..., Xavier with tanh gain
+            5/3 for tanh, Xavier for sigmoid and none); an explicit scheme is applied with the gain of
+            that activation; ``"lsuv"`` is the ``auto`` treatment plus LSUV on the Linear/Conv layers.
+        sample_input: a data batch, needed for ``"lsuv"`` (unless ``defer_lsuv``) and used to find
+            activations where the model does not trace with ``torch.fx``.
         overrides: ``{fnmatch pattern: scheme or "keep"}`` matched against parameter and module names;
             the first matching pattern wins. A pattern that matches nothing is an error.
+        activations: ``(activation after each layer, how it was found)``, e.g. from a
+            :class:`~stability_callbacks.activation_graph.ForwardRecorder` around a training step; found
+            by :func:`following_activations` when ``None``.
+        keep_custom: with ``"auto"``, keep the layers the model initialised itself (see above).
+        defer_lsuv: leave LSUV's measurement to the caller: its layers get their orthogonal start and
+            the report lists them in ``lsuv_pending``; run a
+            :class:`~stability_callbacks.init_schemes.LSUVPass` over them (during a training step, say)
+            and complete the report with :meth:`InitReport.with_lsuv`.
         lsuv_tol, lsuv_max_iters, lsuv_center: ``tol``, ``max_iters`` and ``center`` of :func:`lsuv_`.
         forget_bias: LSTM forget-gate bias.
         generator: random generator (the global one if ``None``).
@@ -174,81 +268,113 @@ def init_swap(
     """
     check_choice("scheme", scheme, SCHEMES)
     check_number("forget_bias", forget_bias)
+    check_bool("keep_custom", keep_custom)
+    check_bool("defer_lsuv", defer_lsuv)
     overrides = _check_overrides(overrides)
     check_overrides_match(model, overrides)
     params = _named_params(model)
 
-    def requested_for(layer: str, param: str) -> tuple[str, str]:
+    def requested_for(p: _Param) -> tuple[str, str]:
         for pattern, s in overrides.items():
-            if fnmatchcase(param, pattern) or fnmatchcase(layer, pattern):
+            if any(fnmatchcase(n, pattern) for n in (p.name, p.layer, *p.aliases)):
                 return s, f"override {pattern!r}"
         return scheme, ""
 
     wants_lsuv = any(
-        p.requires_grad and isinstance(m, LSUV_TYPES) and requested_for(layer, name)[0] == "lsuv"
-        for layer, name, m, _, p in params
+        p.param.requires_grad and isinstance(p.module, LSUV_TYPES) and requested_for(p)[0] == "lsuv"
+        for p in params
     )
-    if wants_lsuv and sample_input is None:
+    if wants_lsuv and sample_input is None and not defer_lsuv:
         raise ValueError("scheme 'lsuv' needs `sample_input`, a data batch to measure the layers on")
     if scheme == "lsuv":
         lsuv_layer_names(model)  # a clear error before anything changes
 
-    acts, traced_by = following_activations(model, sample_input)
-    old = _stds([p for *_, p in params])
+    acts, traced_by = activations if activations is not None else following_activations(model, sample_input)
+    old = _summaries([p.param for p in params])
+    custom: dict[str, str] = {}  # module name -> why the model's own initialisation is kept
+    if scheme == "auto" and keep_custom:
+        custom.update(_self_initialising(model))
+        for p, summary in zip(params, old, strict=True):
+            why = _custom_reason(p, summary)
+            if why is not None and p.module_name not in custom:
+                custom[p.module_name] = why
     plan: list[tuple[str, str]] = []
-    lsuv_layers: list[str] = []
+    lsuv_layers: dict[str, str] = {}  # module name -> user name
     reset_norms: list[nn.Module] = []
-    for layer, name, m, local, p in params:
-        requested, source = requested_for(layer, name)
+    for p in params:
+        requested, source = requested_for(p)
         prefix = f"{source}: " if source else ""
-        if not p.requires_grad:
+        if not p.param.requires_grad:
             plan.append(("kept", "frozen"))
             continue
         if requested == "keep":
             plan.append(("kept", f"{prefix}keep"))
             continue
+        if not source and p.module_name in custom:
+            plan.append(("kept", custom[p.module_name]))
+            continue
         chosen, why = init_parameter_(
-            m,
-            local,
-            p,
+            p.module,
+            p.local,
+            p.param,
             requested,
-            acts.get(layer),
+            acts.get(p.layer),
             named=bool(source),
             lsuv_center=lsuv_center,
             forget_bias=forget_bias,
             generator=generator,
         )
         plan.append((chosen, prefix + why))
-        if chosen == "lsuv" and p.dim() >= 2:
-            lsuv_layers.append(layer)
-        if isinstance(m, NORM_TYPES) and m not in reset_norms:
-            reset_norms.append(m)
+        if chosen == "lsuv" and p.param.dim() >= 2:
+            lsuv_layers[p.module_name] = p.layer
+        if isinstance(p.module, NORM_TYPES) and p.module not in reset_norms:
+            reset_norms.append(p.module)
     for m in reset_norms:
         reset = getattr(m, "reset_running_stats", None)
         if callable(reset):
             reset()
     lsuv_results: dict[str, LSUVResult] = {}
-    if lsuv_layers:
-        lsuv_results = lsuv_(
+    if lsuv_layers and defer_lsuv:
+        orthogonal_layers_(model, lsuv_layers, generator)
+    elif lsuv_layers:
+        raw = lsuv_(
             model,
             sample_input,
-            layers=lsuv_layers,
+            layers=list(lsuv_layers),
             tol=lsuv_tol,
             max_iters=lsuv_max_iters,
             center=lsuv_center,
             generator=generator,
         )
-    new = _stds([p for *_, p in params])
+        lsuv_results = {lsuv_layers[n]: r for n, r in raw.items()}
+    new = _summaries([p.param for p in params])
     records = []
-    for (layer, name, _, _, p), (chosen, why), o, n in zip(params, plan, old, new, strict=True):
-        if chosen == "lsuv" and p.dim() >= 2 and layer in lsuv_results:
-            r = lsuv_results[layer]
-            if r.called:
-                why += f" ({r.std_before:.3g} -> {r.std_after:.3g} in {r.tries} tries)"
-            else:
-                why = "LSUV: orthogonal only, the forward pass never reached this layer"
-        records.append(InitRecord(name, layer, tuple(p.shape), chosen, why, o, n))
-    return InitReport(tuple(records), scheme, traced_by, lsuv_results)
+    for p, (chosen, why), o, n in zip(params, plan, old, new, strict=True):
+        if p.aliases:
+            why += f" (tied: also {', '.join(p.aliases)})"
+        records.append(InitRecord(p.name, p.layer, tuple(p.param.shape), chosen, why, o[0], n[0], o != n))
+    report = InitReport(tuple(records), scheme, traced_by, lsuv_pending=tuple(lsuv_layers.values()))
+    if lsuv_results:
+        report = report.with_lsuv(lsuv_results, {})
+    return report
+
+
+def lsuv_pass(
+    model: nn.Module, report: InitReport, tol: float = 0.1, max_iters: int = 10, center: bool = True
+) -> LSUVPass:
+    """An :class:`~stability_callbacks.init_schemes.LSUVPass` over the layers ``report`` left to LSUV
+    (``init_swap(..., defer_lsuv=True)``), without a new orthogonal start."""
+    wanted = set(report.lsuv_pending)
+    names = [n for n, _ in model.named_modules() if user_name(n) in wanted]
+    return LSUVPass(model, names, tol=tol, max_iters=max_iters, center=center)
+
+
+def finish_lsuv(model: nn.Module, report: InitReport, results: Mapping[str, LSUVResult]) -> InitReport:
+    """``report`` completed with the results of :func:`lsuv_pass` (keyed by module name, as it gives them)."""
+    by_user = {user_name(n): r for n, r in results.items()}
+    params = [p for p in _named_params(model) if p.layer in by_user]
+    stds = _summaries([p.param for p in params])
+    return report.with_lsuv(by_user, {p.name: s[0] for p, s in zip(params, stds, strict=True)})
 
 
 def broadcast_module_(module: nn.Module, src: int = 0) -> None:
@@ -278,18 +404,6 @@ def broadcast_module_(module: nn.Module, src: int = 0) -> None:
 _WHEN = ("fit_start", "on_vanishing")
 
 
-def _default_input(batch: Any) -> Any:
-    """The model input of a batch: a tensor as is, the first element of a tuple or list."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    raise ValueError(
-        f"InitSwap cannot tell the model input in a batch of type {type(batch).__name__}; "
-        "pass `get_input`, e.g. InitSwap(get_input=lambda batch: batch['image'])"
-    )
-
-
 def _concat(parts: list[Any]) -> Any:
     """Join the model inputs of several batches along dim 0 (tensors, and tuples/dicts of them)."""
     first = parts[0]
@@ -315,27 +429,42 @@ def _first_loader(loaders: Any) -> Any:
 class InitSwap(StabilityCallback):
     """Re-initialises the model for the activations it uses, at the start of a fit or once gradients vanish.
 
-    With ``when="fit_start"`` the model is re-initialised once, in ``on_train_start`` (before the first
-    optimizer step; after the sanity check), in place, so the optimizer keeps its parameters. A fit
-    that resumes from a checkpoint (``ckpt_path``) is never touched, and the callback remembers in its
-    state that it has acted.
+    What it needs to know about the model, it learns without guessing how to call it: which activation
+    follows each layer comes from a ``torch.fx`` trace where the model traces, else from the first real
+    training step (module hooks and a ``TorchFunctionMode`` from ``on_train_batch_start`` to
+    ``on_before_backward``, :class:`~stability_callbacks.activation_graph.ForwardRecorder`), so models
+    whose ``forward`` takes several arguments, or that have no ``forward`` at all, work as they are.
+    LSUV measures its layers inside a training step too (:class:`LSUVPass`): each layer is rescaled as
+    the step's forward pass reaches it, and the step goes on with the corrected outputs, so its
+    gradients are those of the re-initialised model. With ``get_input`` you name the model's input
+    yourself: then the structure and LSUV's batch come from ``lsuv_batches`` batches of the train
+    dataloader, before the first step. ``torch.compile``'d code runs eagerly while it is watched.
+
+    With ``when="fit_start"`` the model is re-initialised once: in ``on_train_start`` (after the sanity
+    check) where the model traces with ``torch.fx`` or ``get_input`` is given, else at the end of the
+    first training step, whose gradients are then dropped (the step changes nothing; Adam's moments
+    start after it). In place, so the optimizer keeps its parameters. Under ``"auto"`` it keeps what
+    the model initialised on purpose (``keep_custom``; see :func:`init_swap`): a transformers or timm
+    model, which initialises itself, is left as it is, so are torchvision's He fan-out convolutions,
+    and only layers still at PyTorch's default change (measured by ``benchmarks/initswap_models.py``).
+    Where nothing changed, the first step is not dropped. A fit that resumes from a checkpoint
+    (``ckpt_path``) is never touched, and the callback remembers in its state that it has acted.
 
     With ``when="on_vanishing"`` it watches the first ``watch_steps`` optimizer steps: per-layer
     gradient norms, measured as :class:`~stability_callbacks.monitor.GradientMonitor` measures them
     (:func:`~stability_callbacks.monitor.measure_gradients`, layers in forward order), go to
     :class:`~stability_callbacks.monitor.GradientDiagnostician`, and when the gradients have been
-    vanishing for ``patience`` consecutive steps the model is re-initialised once, the optimizer state
-    is cleared (moments, step counts; the param groups and learning rates stay), the gradients of that
-    step are dropped (the step changes nothing), and a message says so. The watch window copies the
-    norms to the host once per step (one sync a step, for ``watch_steps`` steps at most, and one
-    all-reduce of the decision under DDP); after it, the callback costs nothing.
+    vanishing for ``patience`` consecutive steps the model is re-initialised once (every layer: the
+    model's own scheme is what failed), the optimizer state is cleared (moments, step counts; the param
+    groups and learning rates stay), the gradients of that step are dropped, and a message says so.
+    The watch window copies the norms to the host once per step (one sync a step, for ``watch_steps``
+    steps at most, and one all-reduce of the decision under DDP); after it, the callback costs nothing.
 
-    ``"lsuv"`` (and models that ``torch.fx`` cannot trace) need data: ``lsuv_batches`` batches of the
-    train dataloader, their model input picked by ``get_input``, moved to the module's device. Under
-    DDP every rank initialises and rank zero's parameters and buffers are then broadcast, so all ranks
-    hold identical weights. The report (per parameter: old std, scheme and why, new std) is printed
-    on rank zero and written to TensorBoard as text under ``init/report``. Sharded strategies (FSDP,
-    DeepSpeed, model parallel) are refused at setup with
+    Where it cannot tell (no layer ran in the watched step, a hook failed) it says so once, names what
+    it skipped, and carries on. Under DDP every rank initialises and rank zero's parameters and buffers
+    are then broadcast, so all ranks hold identical weights. The report (per parameter: old std, scheme
+    and why, new std) is printed on rank zero and written to TensorBoard as text under ``init/report``.
+    Sharded strategies (FSDP, DeepSpeed, model parallel) are refused at setup with
     :class:`~stability_callbacks._trainer.UnsupportedStrategyError`.
 
     Args:
@@ -343,12 +472,15 @@ class InitSwap(StabilityCallback):
         when: ``"fit_start"`` or ``"on_vanishing"``.
         overrides: ``{fnmatch pattern: scheme or "keep"}`` on parameter/module names; a pattern that
             matches nothing raises ``ValueError`` at setup.
-        lsuv_batches: train batches joined into the LSUV batch.
+        keep_custom: with ``"auto"``, keep the layers the model initialised itself; ``None`` (default)
+            keeps them at fit start and re-initialises everything once gradients vanish.
+        lsuv_batches: train batches joined into the LSUV batch (with ``get_input``).
         patience: consecutive vanishing steps before acting (``"on_vanishing"``).
         watch_steps: optimizer steps watched from the start (``"on_vanishing"``).
         vanishing_ratio, vanishing_norm: the vanishing rule of the diagnostician.
         lsuv_tol, lsuv_max_iters, lsuv_center: see :func:`lsuv_`.
-        get_input: ``batch -> model input``; default: a tensor batch as is, else its first element.
+        get_input: ``batch -> model input`` (``model(x)``; a tuple is unpacked, a mapping passed as
+            keywords): measure on train batches before the first step instead of during it.
         verbose: say on rank zero what was changed and why (a warning when re-initialising mid-run,
             then the report); ``False`` leaves that to the ``init/report`` text and ``init/reinit``.
 
@@ -357,7 +489,8 @@ class InitSwap(StabilityCallback):
     ==================  ===================================================================
     key                 meaning
     ==================  ===================================================================
-    ``init/reinit``     1.0 at the step the model was re-initialised (logged only then)
+    ``init/reinit``     1.0 at the step the model was re-initialised (logged only then, and only
+                        when some value changed)
     ``init/report``     TensorBoard text: the table of :class:`InitReport`
     ==================  ===================================================================
     """
@@ -367,6 +500,7 @@ class InitSwap(StabilityCallback):
         scheme: str = "auto",
         when: str = "fit_start",
         overrides: Mapping[str, str] | None = None,
+        keep_custom: bool | None = None,
         lsuv_batches: int = 1,
         patience: int = 3,
         watch_steps: int = 50,
@@ -381,6 +515,8 @@ class InitSwap(StabilityCallback):
         check_choice("scheme", scheme, SCHEMES)
         check_choice("when", when, _WHEN)
         self.overrides = _check_overrides(overrides)
+        if keep_custom is not None:
+            check_bool("keep_custom", keep_custom)
         check_int("lsuv_batches", lsuv_batches)
         check_int("patience", patience)
         check_int("watch_steps", watch_steps)
@@ -392,6 +528,7 @@ class InitSwap(StabilityCallback):
             raise ValueError(f"`get_input` must be callable or None, got {get_input!r}")
         self.scheme = scheme
         self.when = when
+        self.keep_custom = keep_custom
         self.lsuv_batches = lsuv_batches
         self.patience = patience
         self.watch_steps = watch_steps
@@ -408,10 +545,32 @@ class InitSwap(StabilityCallback):
         self.last_report: InitReport | None = None
         self._order = ForwardOrder()
         self._layers = OptimizerLayers()
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        self._acts: tuple[dict[str, Activation | None], str] | None = None  # the structure, once known
+        self._recorder: ForwardRecorder | None = None  # watching a training step for the structure
+        self._step_end = False  # re-initialise at the end of the recorded step (fit start)
+        self._lsuv: LSUVPass | None = None  # LSUV measuring during the next training step
+        self._lsuv_report: InitReport | None = None
+        self._lsuv_why = ""
+        self._lsuv_ran = False
+        self._eager: ExitStack | None = None
+        self._warned: set[str] = set()
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(scheme=self.scheme, when=self.when)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_recorder=None, _lsuv=None, _eager=None, _lsuv_report=None)
+        return state
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(f"InitSwap: {message}", category=UserWarning)
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -427,36 +586,74 @@ class InitSwap(StabilityCallback):
         check_overrides_match(pl_module, self.overrides)
         self._order.reset()
         self._layers.clear()
+        self._end_forward()
+        self._reset_run()
 
-    # -- acting -----------------------------------------------------------------------------------
-
-    def _needs_data(self, pl_module: nn.Module) -> bool:
-        return self.scheme == "lsuv" or "lsuv" in self.overrides.values() or not fx_traceable(pl_module)
+    # -- what the model looks like ----------------------------------------------------------------
 
     def _sample_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any | None:
+        """``get_input`` of the first ``lsuv_batches`` train batches, on the module's device."""
+        assert self.get_input is not None  # only called with it
         loader = _first_loader(trainer.train_dataloader)
         datamodule = getattr(trainer, "datamodule", None)
         if loader is None and datamodule is not None:
             loader = _first_loader(datamodule.train_dataloader())
         if loader is None:
             return None
-        get_input = self.get_input or _default_input
         parts = []
         for batch in loader:
-            parts.append(get_input(batch))
+            parts.append(self.get_input(batch))
             if len(parts) == self.lsuv_batches:
                 break
         if not parts:
             return None
         return move_data_to_device(_concat(parts), pl_module.device)
 
-    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, why: str) -> InitReport:
-        sample = self._sample_input(trainer, pl_module) if self._needs_data(pl_module) else None
+    def _wants_lsuv(self) -> bool:
+        return self.scheme == "lsuv" or "lsuv" in self.overrides.values()
+
+    def _learnt(self, pl_module: nn.Module) -> tuple[dict[str, Activation | None], str]:
+        """The structure: traced, or seen in the recorded step, or (saying so once) registration order."""
+        if self._acts is not None:
+            return self._acts
+        rec = self._recorder
+        if rec is not None and rec.error is None and any(kind == "layer" for kind, _ in rec.events):
+            self._acts = (rec.following(), "training step")
+            return self._acts
+        why = (
+            f"a hook failed ({rec.error})"
+            if rec is not None and rec.error
+            else "no layer ran under its hooks in the first training step"
+            if rec is not None
+            else "no training step was watched"
+        )
+        self._warn_once(
+            "structure",
+            f"could not see which activation follows each layer of {type(pl_module).__name__} ({why}); "
+            "it takes them from the order in which the modules are registered.",
+        )
+        self._acts = (registration_activations(pl_module), "registration")
+        return self._acts
+
+    # -- acting -----------------------------------------------------------------------------------
+
+    def _apply(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        why: str,
+        activations: tuple[Mapping[str, Activation | None], str],
+        sample: Any | None = None,
+    ) -> InitReport:
+        keep = self.keep_custom if self.keep_custom is not None else self.when == "fit_start"
         report = init_swap(
             pl_module,
             self.scheme,
             sample_input=sample,
             overrides=self.overrides,
+            activations=activations,
+            keep_custom=keep,
+            defer_lsuv=sample is None,
             lsuv_tol=self.lsuv_tol,
             lsuv_max_iters=self.lsuv_max_iters,
             lsuv_center=self.lsuv_center,
@@ -464,28 +661,81 @@ class InitSwap(StabilityCallback):
         broadcast_module_(pl_module)
         self.applied = True
         self.reinit_step = trainer.global_step
+        if report.modified:
+            log_scalars(trainer, {"init/reinit": 1.0})
+        if report.lsuv_pending:
+            self._lsuv = lsuv_pass(pl_module, report, self.lsuv_tol, self.lsuv_max_iters, self.lsuv_center)
+            self._lsuv_report, self._lsuv_why, self._lsuv_ran = report, why, False
+        else:
+            self._publish(trainer, report, why)
+        return report
+
+    def _publish(self, trainer: pl.Trainer, report: InitReport, why: str) -> None:
         self.last_report = report
         if self.verbose:
             rank_zero_info(f"InitSwap: {why}\n{report.table()}")
         writer = tensorboard_writer(trainer)
         if writer is not None:
             writer.add_text("init/report", report.markdown(), global_step=trainer.global_step)
-        log_scalars(trainer, {"init/reinit": 1.0})
-        return report
+
+    def _finish_lsuv(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._lsuv is None or self._lsuv_report is None:
+            return
+        lsuv, self._lsuv = self._lsuv, None
+        results = lsuv.stop()
+        if lsuv.error is not None:
+            self._warn_once("lsuv", f"LSUV left a layer as it was, its hook failed ({lsuv.error}).")
+        report = finish_lsuv(pl_module, self._lsuv_report, results)
+        self._lsuv_report = None
+        broadcast_module_(pl_module)
+        self._publish(
+            trainer, report, self._lsuv_why + " LSUV measured its layers in the next training step."
+        )
+
+    @staticmethod
+    def _drop_step(trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        """Clear the optimizer state and this step's gradients: the step changes nothing."""
+        for opt in trainer.optimizers:
+            opt.state.clear()
+        for p in pl_module.parameters():
+            p.grad = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when != "fit_start" or self.applied:
+        if self.applied:
             return
-        self.applied = True
-        if trainer.ckpt_path is not None:
+        if self.when == "fit_start" and trainer.ckpt_path is not None:
+            self.applied = True
             if self.verbose:
                 rank_zero_info(
                     "InitSwap: the fit resumes from a checkpoint; the weights are left as they are."
                 )
             return
-        self._apply(trainer, pl_module, "re-initialised the model before the first step.")
+        traced, method = following_activations(pl_module)
+        if method == "fx":
+            self._acts = (traced, "fx")
+        if self.when != "fit_start":
+            return
+        self.applied = True
+        why = "re-initialised the model before the first step."
+        if self.get_input is not None and (self._acts is None or self._wants_lsuv()):
+            try:
+                sample = self._sample_input(trainer, pl_module)
+                acts = self._acts or following_activations(pl_module, sample)
+            except Exception as error:  # the model does not run on get_input(batch): learn from a step
+                self._warn_once(
+                    "get_input",
+                    f"the model did not run on `get_input(batch)` ({type(error).__name__}: {error}); it "
+                    "learns from the first training step instead.",
+                )
+            else:
+                self._apply(trainer, pl_module, why, acts, sample)
+                return
+        if self._acts is not None:
+            self._apply(trainer, pl_module, why, self._acts)
+        else:
+            self._step_end = True  # learn from the first training step, act at its end
 
-    # -- watching for vanishing gradients -----------------------------------------------------------
+    # -- around the forward pass ------------------------------------------------------------------
 
     def _watching(self, trainer: pl.Trainer) -> bool:
         return self.when == "on_vanishing" and not self.applied and trainer.global_step < self.watch_steps
@@ -495,11 +745,55 @@ class InitSwap(StabilityCallback):
     ) -> None:
         if self._watching(trainer):
             self._order.start(pl_module)
+        wants_structure = self._step_end or (self._watching(trainer) and self.get_input is None)
+        if wants_structure and self._acts is None and self._recorder is None:
+            self._recorder = ForwardRecorder().start(pl_module)
+        if self._lsuv is not None and not self._lsuv_ran and self._eager is None:
+            self._lsuv_ran = True  # the first micro-batch of the step measures
+            self._eager = ExitStack()
+            self._eager.enter_context(eager_compiled())
+            self._lsuv.start()
+
+    def _end_forward(self) -> None:
+        """The forward pass is over: remove the recording hooks and LSUV's (the results stay)."""
+        if self._recorder is not None:
+            self._recorder.stop()
+        if self._lsuv is not None:
+            self._lsuv.remove()
+        if self._eager is not None:
+            self._eager.close()
+            self._eager = None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._end_forward()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._end_forward()
+
+    # -- the optimizer step -----------------------------------------------------------------------
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         self._order.stop()
+        self._end_forward()
+        if self._lsuv is not None and self._lsuv_ran:
+            self._finish_lsuv(trainer, pl_module)
+            return
+        if self._step_end:
+            self._step_end = False
+            report = self._apply(
+                trainer,
+                pl_module,
+                "re-initialised the model after its first training step, which showed the activations "
+                "(that step's gradients were dropped).",
+                self._learnt(pl_module),
+            )
+            if report.modified:
+                self._drop_step(trainer, pl_module)
+            return
         if not self._watching(trainer):
             return
         index = self._layers.index(pl_module, optimizer, self._order.order)
@@ -520,21 +814,34 @@ class InitSwap(StabilityCallback):
         )
         if self.verbose:
             rank_zero_warn(f"InitSwap: {what}", category=UserWarning)
-        self._apply(trainer, pl_module, what)
-        for opt in trainer.optimizers:
-            opt.state.clear()
-        for p in pl_module.parameters():
-            p.grad = None
+        sample = None
+        if self.get_input is not None:
+            sample = self._sample_input(trainer, pl_module)
+        acts = self._acts or (
+            following_activations(pl_module, sample) if sample is not None else self._learnt(pl_module)
+        )
+        self._apply(trainer, pl_module, what, acts, sample)
+        self._drop_step(trainer, pl_module)
 
     # -- lifecycle and state ----------------------------------------------------------------------
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._order.stop()
+        self._end_forward()
+        if self._lsuv is not None:  # the fit ended before LSUV's step: its layers keep the orthogonal start
+            self._lsuv_ran = True
+            self._finish_lsuv(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._end_forward()
+        self._recorder, self._lsuv, self._lsuv_report = None, None, None
+        super().teardown(trainer, pl_module, stage)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._order.stop()
+        self._end_forward()
         super().on_exception(trainer, pl_module, exception)
 
     def state_dict(self) -> dict[str, Any]:

@@ -6,7 +6,8 @@ read, ``report.markdown()`` the same table for TensorBoard's text plugin.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from stability_callbacks.init_schemes import LSUVResult
 
@@ -25,6 +26,8 @@ class InitRecord:
         reason: why, in words (the activation that follows, the layer type, an override...).
         old_std: standard deviation before (population std, 0 for one element).
         new_std: standard deviation after.
+        modified: whether the values changed (``False`` where the scheme left them as they were, e.g.
+            weight 1 on a normalisation layer that already had it).
     """
 
     param: str
@@ -34,10 +37,12 @@ class InitRecord:
     reason: str
     old_std: float
     new_std: float
+    modified: bool = True
 
     @property
     def changed(self) -> bool:
-        return self.scheme != "kept"
+        """Whether the parameter was re-initialised (a scheme other than ``kept`` changed its values)."""
+        return self.scheme != "kept" and self.modified
 
 
 @dataclass(frozen=True)
@@ -47,14 +52,18 @@ class InitReport:
     Attributes:
         records: the records.
         scheme: the scheme asked for.
-        traced_by: how the following activations were found (``"fx"``, ``"hooks"``, ``"registration"``).
+        traced_by: how the following activations were found (``"fx"``, ``"hooks"``, ``"training step"``,
+            ``"registration"``).
         lsuv: per-layer LSUV results where LSUV ran.
+        lsuv_pending: layers whose LSUV measurement is still to come (``init_swap(defer_lsuv=True)``);
+            :meth:`with_lsuv` fills it in.
     """
 
     records: tuple[InitRecord, ...]
     scheme: str
     traced_by: str
     lsuv: dict[str, LSUVResult] = field(default_factory=dict)
+    lsuv_pending: tuple[str, ...] = ()
 
     def __getitem__(self, param: str) -> InitRecord:
         for r in self.records:
@@ -66,6 +75,26 @@ class InitReport:
     def changed(self) -> list[InitRecord]:
         """Records of the parameters that were re-initialised."""
         return [r for r in self.records if r.changed]
+
+    @property
+    def modified(self) -> bool:
+        """Whether any parameter's values changed."""
+        return any(r.modified for r in self.records)
+
+    def with_lsuv(self, results: Mapping[str, LSUVResult], new_stds: Mapping[str, float]) -> InitReport:
+        """The report once LSUV has measured its layers: their reasons and new stds filled in.
+
+        Args:
+            results: ``{layer: LSUVResult}`` (:class:`~stability_callbacks.init_schemes.LSUVPass`).
+            new_stds: ``{parameter: std}`` of the parameters of those layers after LSUV.
+        """
+        records = tuple(
+            replace(r, reason=lsuv_reason(results[r.layer]), new_std=new_stds.get(r.param, r.new_std))
+            if r.scheme == "lsuv" and len(r.shape) >= 2 and r.layer in results
+            else r
+            for r in self.records
+        )
+        return replace(self, records=records, lsuv={**self.lsuv, **results}, lsuv_pending=())
 
     def _rows(self) -> list[tuple[str, str, str, str, str]]:
         return [(r.param, f"{r.old_std:.4g}", r.scheme, f"{r.new_std:.4g}", r.reason) for r in self.records]
@@ -102,3 +131,13 @@ class InitReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def lsuv_reason(result: LSUVResult) -> str:
+    """What LSUV did to a layer, in words."""
+    if not result.called:
+        return "LSUV: orthogonal only, the forward pass never reached this layer"
+    return (
+        f"orthogonal, then scaled to unit output std ({result.std_before:.3g} -> {result.std_after:.3g} in "
+        f"{result.tries} tries)"
+    )

@@ -16,6 +16,12 @@ output standard deviation on a data batch is 1 within ``tol``. With ``center=Tru
 bias is also set so that each output unit has zero mean on the batch (as in fast.ai's LSUV); this is
 what rescues sigmoid networks, whose 0.5-mean outputs otherwise push every unit into saturation.
 ``center=False`` is the paper's algorithm and matches the ``lsuv`` package weight for weight.
+:class:`LSUVPass` holds LSUV's hooks, so the measurement can also run inside a real training step.
+
+:func:`default_init` tells how PyTorch's own ``reset_parameters`` initialises a parameter, so that
+``init_swap(model, "auto")`` can tell a layer nobody initialised from one that the model initialised
+on purpose (GPT-2's N(0, 0.02) with its residual projections scaled by 1/sqrt(2 n_layer), timm's
+truncated normal, torchvision's He fan-out), and keep the latter.
 
 Which activation follows each layer is found by :mod:`stability_callbacks.activation_graph`; the whole
 model is re-initialised by :func:`stability_callbacks.init.init_swap`.
@@ -43,9 +49,11 @@ __all__ = [
     "SCHEMES",
     "TENSOR_SCHEMES",
     "Activation",
+    "LSUVPass",
     "LSUVResult",
     "activation_gain",
     "call_model",
+    "default_init",
     "eval_no_grad",
     "init_blocks_",
     "init_parameter_",
@@ -53,6 +61,9 @@ __all__ = [
     "init_tensor_",
     "lsuv_",
     "lsuv_layer_names",
+    "matches_default",
+    "orthogonal_layers_",
+    "own_init_method",
     "plan_scheme",
 ]
 
@@ -110,6 +121,93 @@ HE_KINDS = frozenset({"elu", "celu", "silu", "gelu", "mish", "softplus", "hardsw
 """Smooth rectifiers initialised as for ReLU (He, gain sqrt(2))."""
 
 _GATES = {"LSTM": 4, "GRU": 3}
+
+
+# -- PyTorch's own initialisation --------------------------------------------------------------------
+
+
+def _torch_reset(module: nn.Module) -> bool:
+    """Whether ``module`` initialises itself as its torch base class does (no ``reset_parameters`` of its
+    own)."""
+    reset = getattr(type(module), "reset_parameters", None)
+    return reset is None or getattr(reset, "__module__", "").startswith("torch.nn")
+
+
+def default_init(module: nn.Module, name: str, param: Tensor) -> tuple[str, float] | None:
+    """How PyTorch's ``reset_parameters`` initialises the parameter ``name`` of ``module``.
+
+    Returns ``("uniform", bound)`` for U(-bound, bound), ``("normal", std)``, ``("constant", value)``,
+    or ``None`` where the layer type is not one of torch's (HF's ``Conv1D``, a custom module) or
+    overrides ``reset_parameters``.
+
+    Args:
+        module: the module that owns the parameter.
+        name: the parameter's local name.
+        param: the parameter.
+    """
+    if isinstance(module, NORM_TYPES):
+        return ("constant", 1.0 if name == "weight" else 0.0)
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return ("uniform", 1.0 / math.sqrt(module.hidden_size)) if module.hidden_size > 0 else None
+    if isinstance(module, nn.MultiheadAttention):
+        if name == "in_proj_bias":
+            return ("constant", 0.0)
+        if name.endswith("proj_weight") and param.dim() == 2:
+            fan_out, fan_in = param.shape
+            return ("uniform", math.sqrt(6.0 / (fan_in + fan_out)))
+        return None
+    if isinstance(module, EMBEDDING_TYPES):
+        return ("normal", 1.0) if name == "weight" else None
+    layer_types = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+    if not isinstance(module, layer_types) or not _torch_reset(module):
+        return None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() < 2 or name not in ("weight", "bias"):
+        return None
+    if isinstance(module, nn.Bilinear):
+        fan_in = weight.shape[1]
+    else:
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
+    return ("uniform", 1.0 / math.sqrt(fan_in)) if fan_in > 0 else None
+
+
+INIT_METHODS = ("_init_weights", "init_weights", "reset_parameters")
+"""Methods by which a model or module initialises itself (transformers' ``PreTrainedModel._init_weights``,
+timm's ``VisionTransformer.init_weights``, Lightning's demo ``SimpleLSTM.init_weights``)."""
+
+
+def own_init_method(module: nn.Module) -> str | None:
+    """The name of the method by which ``module``'s class initialises it, where that method is not
+    torch's own (every torch layer has a ``reset_parameters``: that is PyTorch's default); else ``None``."""
+    for name in INIT_METHODS:
+        method = getattr(type(module), name, None)
+        if callable(method) and not getattr(method, "__module__", "").startswith("torch."):
+            return name
+    return None
+
+
+def matches_default(spec: tuple[str, float], numel: int, std: float, low: float, high: float) -> bool:
+    """Whether values with these statistics look drawn from the default ``spec`` of :func:`default_init`.
+
+    A uniform default needs every value within its bound and the std within sampling error of
+    ``bound / sqrt(3)`` (10%, or 1.8/sqrt(n) for small tensors); a normal one its std within 10% (or
+    2.2/sqrt(n)); a constant every value equal to it.
+
+    Args:
+        spec: from :func:`default_init`.
+        numel: number of values.
+        std: their population standard deviation.
+        low, high: their smallest and largest values.
+    """
+    kind, value = spec
+    if kind == "constant":
+        return low == value and high == value
+    n = max(numel, 1)
+    if kind == "uniform":
+        if max(abs(low), abs(high)) > value * (1.0 + 1e-3):
+            return False
+        return abs(std / (value / math.sqrt(3.0)) - 1.0) <= max(0.1, 1.8 / math.sqrt(n))
+    return abs(std / value - 1.0) <= max(0.1, 2.2 / math.sqrt(n))
 
 
 @dataclass(frozen=True)
@@ -372,6 +470,9 @@ def init_parameter_(
     if isinstance(module, nn.RNNBase):
         return init_recurrent_(module, name, param, requested, forget_bias, generator)
     lsuv = requested == "lsuv" and isinstance(module, LSUV_TYPES)
+    known = isinstance(module, (*LSUV_TYPES, *EMBEDDING_TYPES, nn.MultiheadAttention, nn.Bilinear))
+    if not known and "weight" not in name and "bias" not in name and not named:
+        return "kept", "not a layer weight: no fan-based scheme applies (name it in `overrides` to change it)"
     if param.dim() < 2:
         if "bias" not in name:
             return "kept", "1-D parameter: no fan-based scheme applies"
@@ -390,8 +491,23 @@ def init_parameter_(
     if isinstance(module, nn.MultiheadAttention) and name == "in_proj_weight":
         init_blocks_(param, 3, chosen, 1.0 if requested == "auto" else gain, generator)
         return chosen, "attention input projection, per q/k/v block"
+    if _transposed(module, name, param):  # HF's Conv1D holds its weight as (in_features, out_features)
+        init_tensor_(param.T, chosen, gain, generator)
+        return chosen, f"{why} (weight stored as (in, out))"
     init_tensor_(param, chosen, gain, generator)
     return chosen, why
+
+
+def _transposed(module: nn.Module, name: str, param: Tensor) -> bool:
+    """A ``Conv1D`` of transformers (GPT-2): a linear layer whose weight is (in_features, out_features)."""
+    nf = getattr(module, "nf", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and name == "weight"
+        and param.dim() == 2
+        and isinstance(nf, int)
+        and param.shape[1] == nf
+    )
 
 
 # -- LSUV -------------------------------------------------------------------------------------------
@@ -443,6 +559,91 @@ def lsuv_layer_names(model: nn.Module, layers: Iterable[str] | None = None) -> l
     return names
 
 
+class LSUVPass:
+    """LSUV's hooks for one forward pass: each layer is scaled, on its first call, until its output std is
+    ``target_std`` within ``tol``; the corrected output is handed on, so every layer is measured on the
+    output of the layers before it after their own correction.
+
+    :func:`lsuv_` runs one in eval mode without gradients on a sample batch; started around a real
+    training step instead (no guessed call of the model), it measures that step's batch, in the mode the
+    step runs in: where gradients are on, each corrected layer's output is computed once more with
+    them, so the step's gradients are those of the corrected model. An error inside a hook never
+    reaches the forward pass: that layer is left as it is and the error kept in :attr:`error`.
+
+    Args:
+        model: the model.
+        layers: names of the Linear/Conv layers to treat (default: all trainable ones,
+            :func:`lsuv_layer_names`).
+        tol, max_iters, target_std, center: as for :func:`lsuv_`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Iterable[str] | None = None,
+        tol: float = 0.1,
+        max_iters: int = 10,
+        target_std: float = 1.0,
+        center: bool = True,
+    ) -> None:
+        check_number("tol", tol, 0.0, low_open=True)
+        check_int("max_iters", max_iters)
+        check_number("target_std", target_std, 0.0, low_open=True)
+        check_bool("center", center)
+        self.names = lsuv_layer_names(model, layers)
+        self.modules = dict(model.named_modules())
+        self.tol, self.max_iters, self.target_std, self.center = tol, max_iters, target_std, center
+        self.results: dict[str, LSUVResult] = {}
+        self.error: str | None = None
+        self._stack: ExitStack | None = None
+
+    def start(self) -> LSUVPass:
+        """Put the hooks on the layers (a no-op while they are on); returns ``self``."""
+        if self._stack is None:
+            self._stack = ExitStack()
+            for n in self.names:
+                hook = self._make_hook(n)
+                self._stack.callback(self.modules[n].register_forward_hook(hook, with_kwargs=True).remove)
+        return self
+
+    def remove(self) -> None:
+        """Remove the hooks (the results so far stay)."""
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def stop(self) -> dict[str, LSUVResult]:
+        """Remove the hooks; the results in forward order, layers the pass never reached last."""
+        self.remove()
+        out = dict(self.results)
+        for n in self.names:
+            if n not in out:
+                out[n] = LSUVResult(math.nan, math.nan, 0, False, called=False)
+        return out
+
+    def __enter__(self) -> LSUVPass:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _make_hook(self, name: str) -> Callable[..., Any]:
+        def hook(mod: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
+            if name in self.results:  # a layer called twice is adjusted on its first call only
+                return None
+            try:
+                self.results[name], new_out = _lsuv_layer(
+                    mod, args, kwargs, out, self.tol, self.max_iters, self.target_std, self.center
+                )
+            except Exception as error:  # never fail the forward pass
+                self.error = f"{name}: {type(error).__name__}: {error}"
+                self.results[name] = LSUVResult(math.nan, math.nan, 0, False)
+                return None
+            return new_out
+
+        return hook
+
+
 def lsuv_(
     model: nn.Module,
     sample_input: Any,
@@ -458,12 +659,12 @@ def lsuv_(
 
     Orthogonal weights and zero biases first; then, in forward order, each layer's output on
     ``sample_input`` is measured and its weight scaled by ``target_std / std`` until the std is within
-    ``tol`` of ``target_std``, at most ``max_iters`` times. All of it happens in one forward pass: a
-    hook on each layer adjusts the layer, re-evaluates it on the same input and hands the corrected
-    output on, so every layer is measured on the output of the layers before it after their own
-    correction, as in the paper's layer-by-layer loop, at the cost of one forward pass instead of one
-    per layer. The pass runs in eval mode without gradients; every module's train/eval mode is
-    restored and every hook removed, also on error.
+    ``tol`` of ``target_std``, at most ``max_iters`` times. All of it happens in one forward pass
+    (:class:`LSUVPass`): a hook on each layer adjusts the layer, re-evaluates it on the same input and
+    hands the corrected output on, so every layer is measured on the output of the layers before it
+    after their own correction, as in the paper's layer-by-layer loop, at the cost of one forward pass
+    instead of one per layer. The pass runs in eval mode without gradients; every module's train/eval
+    mode is restored and every hook removed, also on error.
 
     Args:
         model: the model.
@@ -480,40 +681,30 @@ def lsuv_(
     Returns:
         ``{layer name: LSUVResult}`` in forward order (layers the forward pass never reached last).
     """
-    check_number("tol", tol, 0.0, low_open=True)
-    check_int("max_iters", max_iters)
-    check_number("target_std", target_std, 0.0, low_open=True)
-    check_bool("center", center)
     check_bool("orthogonal", orthogonal)
-    names = lsuv_layer_names(model, layers)
-    modules = dict(model.named_modules())
+    lsuv = LSUVPass(model, layers, tol, max_iters, target_std, center)
     if orthogonal:
-        for n in names:
-            m = modules[n]
-            init_tensor_(m.weight, "orthogonal", 1.0, generator)
-            if getattr(m, "bias", None) is not None:
-                with torch.no_grad():
-                    m.bias.zero_()
-    results: dict[str, LSUVResult] = {}
-
-    def make_hook(name: str) -> Callable[..., Any]:
-        def hook(mod: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
-            if name in results:  # a layer called twice is adjusted on its first call only
-                return None
-            results[name], out = _lsuv_layer(mod, args, kwargs, out, tol, max_iters, target_std, center)
-            return out
-
-        return hook
-
+        orthogonal_layers_(model, lsuv.names, generator)
     with ExitStack() as stack:
-        for n in names:
-            stack.callback(modules[n].register_forward_hook(make_hook(n), with_kwargs=True).remove)
         stack.enter_context(eval_no_grad(model))
+        stack.enter_context(lsuv)
         call_model(model, sample_input)
+    if lsuv.error is not None:
+        raise RuntimeError(f"LSUV failed on layer {lsuv.error}")
+    return lsuv.stop()
+
+
+def orthogonal_layers_(
+    model: nn.Module, names: Iterable[str], generator: torch.Generator | None = None
+) -> None:
+    """LSUV's start: orthogonal weights (gain 1) and zero biases for the layers ``names`` of ``model``."""
+    modules = dict(model.named_modules())
     for n in names:
-        if n not in results:
-            results[n] = LSUVResult(math.nan, math.nan, 0, False, called=False)
-    return results
+        m = modules[n]
+        init_tensor_(m.weight, "orthogonal", 1.0, generator)
+        if getattr(m, "bias", None) is not None:
+            with torch.no_grad():
+                m.bias.zero_()
 
 
 def _lsuv_layer(
@@ -529,6 +720,7 @@ def _lsuv_layer(
     """Scale one layer until its output std is ``target_std``; returns the result and the new output."""
     bias: Tensor | None = getattr(m, "bias", None) if center else None
     weight: Tensor = m.weight  # type: ignore[assignment]
+    grad_mode = torch.is_grad_enabled()
 
     def stats(out: Any) -> tuple[float, float, Tensor, Tensor]:
         y = (out[0] if isinstance(out, tuple) else out).detach().float()
@@ -552,7 +744,10 @@ def _lsuv_layer(
             if bias is not None:
                 bias.sub_(unit_mean.to(bias.dtype)).mul_(scale.to(bias.dtype))
             weight.mul_(scale.to(weight.dtype))
+            torch.clear_autocast_cache()  # under autocast, the cast of the old weight is cached
             out = m.forward(*args, **kwargs)
         tries += 1
         std, mean_err, unit_mean, centred = stats(out)
+    if tries and grad_mode:  # hand on an output the step's backward can go through
+        out = m.forward(*args, **kwargs)
     return LSUVResult(before, std, tries, ok(std, mean_err)), out

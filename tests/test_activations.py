@@ -161,17 +161,18 @@ class HookSpy(Callback):
 
 def test_hooks_only_on_logging_steps_and_removed_after(tmp_path: Path) -> None:
     spy = HookSpy()
-    log_dir = fit_tb(tmp_path, MLPModule(), [ActivationMonitor(every_n_steps=2), spy], max_steps=4)
-    assert spy.at_start == [0, 2, 0, 2]  # two Tanh modules, hooked on steps 1 and 3 only
+    model = MLPModule()
+    log_dir = fit_tb(tmp_path, model, [ActivationMonitor(every_n_steps=2), spy], max_steps=4)
+    n = len(list(model.modules()))  # each module has a hook on steps 1 and 3 only: the stack of calls
+    assert spy.at_start == [0, n, 0, n]
     assert sorted(scalars(load_events(log_dir), "act/std/net.1")) == [1, 3]
 
 
 def test_gradient_accumulation_hooks_the_first_micro_batch_only(tmp_path: Path) -> None:
-    spy = HookSpy()
-    log_dir = fit_tb(
-        tmp_path, MLPModule(), [ActivationMonitor(every_n_steps=1), spy], accumulate_grad_batches=2
-    )
-    assert spy.at_start == [2, 0, 2, 0]
+    spy, model = HookSpy(), MLPModule()
+    log_dir = fit_tb(tmp_path, model, [ActivationMonitor(every_n_steps=1), spy], accumulate_grad_batches=2)
+    n = len(list(model.modules()))
+    assert spy.at_start == [n, 0, n, 0]
     acc = load_events(log_dir)
     assert sorted(scalars(acc, "act/std/net.3")) == [0, 1]
 
@@ -229,3 +230,109 @@ def test_bad_arguments_raise(kwargs: dict[str, Any], name: str) -> None:
 
 def test_state_key_tells_instances_apart() -> None:
     assert ActivationMonitor(modules=["a"]).state_key != ActivationMonitor(modules=["b"]).state_key
+
+
+# -- models people train ----------------------------------------------------------------------------
+
+
+class HFGeluMLP(MLPModule):
+    """Linear, transformers' NewGELUActivation (torch.tanh inside it), Linear."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.0)
+        hf = pytest.importorskip("transformers.activations")
+        self.net = nn.Sequential(nn.Linear(8, 16), hf.NewGELUActivation(), nn.Linear(16, 3))
+
+
+def test_activation_modules_of_transformers_are_watched_and_their_insides_are_not(tmp_path: Path) -> None:
+    model = HFGeluMLP()
+    acc = load_events(fit_tb(tmp_path, model, [ActivationMonitor(every_n_steps=2)]))
+    with torch.no_grad():
+        y = model.net[1](model.net[0](batch(1)))  # naive reference on the logging step's batch
+    assert sorted(acc.Tags()["scalars"]) == ["act/dead/net.1", "act/std/net.1"]  # no key for its tanh
+    assert scalars(acc, "act/std/net.1") == {1: pytest.approx(y.std(correction=0).item(), rel=1e-5)}
+
+
+class EncoderLayerModule(MLPModule):
+    """nn.TransformerEncoderLayer, which calls F.relu (a function, not a module), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.0)
+        self.layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x.view(x.shape[0], 1, 8)).view(x.shape[0], 8))
+
+
+def test_functional_activations_get_the_name_of_the_module_that_calls_them(tmp_path: Path) -> None:
+    model = EncoderLayerModule()
+    seen: list[Tensor] = []
+    handle = model.layer.linear1.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    acc = load_events(fit_tb(tmp_path, model, [ActivationMonitor(every_n_steps=2)]))
+    handle.remove()
+    relu = seen[1].relu()  # the second step's linear1 output, through F.relu
+    assert sorted(acc.Tags()["scalars"]) == ["act/dead/layer.relu", "act/std/layer.relu"]
+    assert scalars(acc, "act/std/layer.relu") == {1: pytest.approx(relu.std(correction=0).item(), rel=1e-5)}
+    units = relu.reshape(relu.shape[0], -1)
+    dead = (units == 0).all(dim=0).float().mean().item()
+    assert scalars(acc, "act/dead/layer.relu") == {1: pytest.approx(dead)}
+
+
+class LSTMModule(MLPModule):
+    def __init__(self) -> None:
+        super().__init__(lr=0.0)
+        self.rnn = nn.LSTM(2, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x.view(x.shape[0], 4, 2))
+        return self.head(out[:, -1])
+
+
+def test_recurrent_layers_log_their_hidden_states_and_say_once_the_gates_are_hidden(tmp_path: Path) -> None:
+    model = LSTMModule()
+    with pytest.warns(UserWarning, match=r"gates of the recurrent layers \['rnn'\]") as caught:
+        acc = load_events(fit_tb(tmp_path, model, [ActivationMonitor(every_n_steps=1)]))
+    assert len([w for w in caught if "gates" in str(w.message)]) == 1
+    with torch.no_grad():
+        h, _ = model.rnn(batch(1).view(16, 4, 2))
+    assert {"act/std/rnn", "act/saturated/rnn", "act/dead/rnn"} <= set(acc.Tags()["scalars"])
+    assert scalars(acc, "act/std/rnn")[1] == pytest.approx(h.std(correction=0).item(), rel=1e-5)
+    assert scalars(acc, "act/saturated/rnn")[1] == pytest.approx((h.abs() > 0.99).float().mean().item())
+
+
+class CompiledMLP(MLPModule):
+    def __init__(self, backend: str | None) -> None:
+        super().__init__(lr=0.0, activation=nn.ReLU)
+        if backend is not None:
+            self.net = torch.compile(self.net, backend=backend)  # type: ignore[assignment]
+
+
+def test_under_torch_compile_the_same_keys_and_values_as_eager(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    eager = CompiledMLP(None)
+    compiled = CompiledMLP("eager")
+    compiled.net._orig_mod.load_state_dict(eager.net.state_dict())  # type: ignore[union-attr]
+    a = load_events(fit_tb(tmp_path / "a", eager, [ActivationMonitor(every_n_steps=1)]))
+    b = load_events(fit_tb(tmp_path / "b", compiled, [ActivationMonitor(every_n_steps=1)]))
+    keys = sorted(a.Tags()["scalars"])
+    assert (
+        keys
+        == sorted(b.Tags()["scalars"])
+        == ["act/dead/net.1", "act/dead/net.3", "act/std/net.1", "act/std/net.3"]
+    )
+    for key in keys:
+        assert scalars(b, key) == {s: pytest.approx(v, rel=1e-5) for s, v in scalars(a, key).items()}
+
+
+class NoActivation(MLPModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 3))
+
+
+def test_a_model_without_activations_says_so_once(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="found no activation") as caught:
+        fit_tb(tmp_path, NoActivation(), [ActivationMonitor(every_n_steps=1)], max_steps=3)
+    assert len([w for w in caught if "ActivationMonitor" in str(w.message)]) == 1

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stability_callbacks.activation_graph import ForwardRecorder, module_activation
 from stability_callbacks.init import (
     SCHEMES,
     Activation,
@@ -21,6 +22,7 @@ from stability_callbacks.init import (
     init_tensor_,
     lsuv_,
 )
+from stability_callbacks.init_schemes import default_init, matches_default
 
 WIDTH = 256
 
@@ -190,6 +192,7 @@ def test_lsuv_without_centring_matches_the_lsuv_package_weight_for_weight() -> N
     assert all(r.converged for r in results.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
 def test_lsuv_package_on_the_same_deep_mlp_and_batch(activation: type[nn.Module]) -> None:
     torch.manual_seed(0)
@@ -314,7 +317,9 @@ def test_norm_layers_get_weight_one_bias_zero_and_fresh_running_stats() -> None:
         for p in m.parameters(recurse=False):
             nn.init.normal_(p, 3.0, 1.0)
     model(torch.randn(4, 3, 8, 8))  # moves the running statistics
-    report = init_swap(model)
+    kept = init_swap(copy.deepcopy(model))  # 'auto' keeps what the model set itself ...
+    assert {r.scheme for r in kept.records} == {"kept"} and not kept.modified
+    report = init_swap(model, keep_custom=False)  # ... unless asked to re-initialise every layer
     for index in (1, 3, 5, 7):
         norm = model[index]
         assert torch.equal(norm.weight, torch.ones_like(norm.weight))
@@ -482,3 +487,213 @@ def test_bad_input_raises_value_error_naming_it() -> None:
         init_swap(model, forget_bias=float("nan"))
     with pytest.raises(ValueError, match="dimensions"):
         init_tensor_(torch.empty(4), "he_normal")
+
+
+# -- models people train: torch, timm and transformers ---------------------------------------------------
+
+
+def test_activation_classes_of_torch_timm_and_transformers_are_recognised() -> None:
+    hf = pytest.importorskip("transformers.activations")
+    timm_acts = pytest.importorskip("timm.layers.activations")
+    timm_me = pytest.importorskip("timm.layers.activations_me")
+    expected = {
+        nn.GELU(approximate="tanh"): "gelu",
+        nn.SiLU(): "silu",
+        nn.Mish(): "mish",
+        nn.Hardswish(): "hardswish",
+        hf.NewGELUActivation(): "gelu",
+        hf.GELUActivation(): "gelu",
+        hf.FastGELUActivation(): "gelu",
+        hf.QuickGELUActivation(): "gelu",
+        hf.SiLUActivation(): "silu",
+        hf.MishActivation(): "mish",
+        timm_acts.Swish(): "silu",
+        timm_acts.GELUTanh(): "gelu",
+        timm_acts.QuickGELU(): "gelu",
+        timm_acts.Tanh(): "tanh",
+        timm_acts.HardSigmoid(): "sigmoid",
+        timm_me.HardSwishMe(): "hardswish",
+        timm_me.MishMe(): "mish",
+    }
+    for module, kind in expected.items():
+        act = module_activation(module)
+        assert act is not None and act.kind == kind, type(module).__name__
+    for other in (hf.LinearActivation(), nn.Dropout(), nn.Softmax(dim=-1), nn.Linear(2, 2), nn.LogSigmoid()):
+        assert module_activation(other) is None, type(other).__name__
+
+
+class NewGELUMLP(nn.Module):
+    """Linear, transformers' NewGELUActivation (which calls torch.tanh inside), Linear; untraceable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        hf = pytest.importorskip("transformers.activations")
+        self.up = nn.Linear(64, 256)
+        self.act = hf.NewGELUActivation()
+        self.down = nn.Linear(256, 64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.sum() > -1e9:  # data-dependent: torch.fx cannot trace this
+            x = self.down(self.act(self.up(x)))
+        return x
+
+
+def test_a_function_called_inside_an_activation_module_is_part_of_it() -> None:
+    acts, method = following_activations(NewGELUMLP(), torch.randn(4, 64))
+    assert method == "hooks"
+    assert kinds(acts) == {"up": "gelu", "down": None}  # not torch.tanh's "tanh"
+    recorder = ForwardRecorder()
+    model = NewGELUMLP()
+    with recorder.start(model):
+        model(torch.randn(4, 64)).sum().backward()  # a real step: train mode, gradients on
+    assert kinds(recorder.following()) == {"up": "gelu", "down": None}
+    assert recorder.activations() == ["act"]
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    torch.manual_seed(0)
+    report = init_swap(model, "he_normal", activations=(recorder.following(), "training step"))
+    assert model.up.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.05)
+    assert "gelu" in report["up.weight"].reason
+
+
+def test_functional_activations_inside_torch_layers_are_seen_in_a_training_step() -> None:
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    recorder = ForwardRecorder()
+    with recorder.start(layer):
+        layer(torch.randn(2, 5, 16)).sum().backward()
+    acts = recorder.following()
+    assert kinds(acts)["linear1"] == "relu"  # F.relu, called by the encoder layer's own forward
+    assert acts["linear1"] is not None and "in the model" in acts["linear1"].via
+    assert kinds(acts)["linear2"] is None
+    assert recorder.activations() == ["relu"]
+
+
+def gpt2(n_layer: int = 2) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    config = transformers.GPT2Config(
+        n_layer=n_layer, n_embd=64, n_head=2, vocab_size=256, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def gpt2_structure(model: nn.Module) -> tuple[dict[str, Activation | None], str]:
+    recorder = ForwardRecorder()
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with recorder.start(model):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    model.zero_grad()
+    return recorder.following(), "training step"
+
+
+def test_gpt2_keeps_its_own_scheme_lists_the_tied_embedding_once_and_reads_new_gelu_as_gelu() -> None:
+    model = gpt2()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    structure = gpt2_structure(model)
+    assert structure[0]["transformer.h.0.mlp.c_fc"] is not None
+    assert structure[0]["transformer.h.0.mlp.c_fc"].kind == "gelu"  # NewGELUActivation, not torch.tanh
+    report = init_swap(model, activations=structure)
+    assert not report.modified and not report.changed  # a well-initialised model is left as it is
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    names = [r.param for r in report.records]
+    assert "lm_head.weight" not in names and names.count("transformer.wte.weight") == 1
+    assert "tied: also lm_head.weight" in report["transformer.wte.weight"].reason
+    # GPT-2 scales its residual projections by 1/sqrt(2 n_layer): 0.02 / 2 = 0.01, and keeps them
+    assert report["transformer.h.0.attn.c_proj.weight"].new_std == pytest.approx(0.01, rel=0.05)
+    assert report["transformer.h.0.attn.c_proj.weight"].scheme == "kept"
+    # asked to re-initialise everything: He for the GELU layer, on the (in, out) layout of Conv1D
+    report = init_swap(model, activations=structure, keep_custom=False)
+    assert report["transformer.h.0.mlp.c_fc.weight"].scheme == "he_normal"
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (64, 256)  # fan_in 64, not 256
+    assert model.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.05)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+
+
+def test_fresh_torch_layers_hold_pytorchs_default_and_custom_ones_do_not() -> None:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [
+        nn.Linear(300, 200),
+        nn.Linear(3, 2),
+        nn.Conv2d(16, 32, 3),
+        nn.ConvTranspose2d(16, 8, 4),
+        nn.Conv1d(4, 4, 1),
+        nn.Bilinear(5, 6, 7),
+        nn.LSTM(16, 32, num_layers=2),
+        nn.GRU(8, 8),
+        nn.MultiheadAttention(32, 4),
+        nn.LayerNorm(10),
+        nn.BatchNorm2d(3),
+        nn.Embedding(100, 16),
+    ]
+    for layer in layers:
+        for name, p in layer.named_parameters(recurse=False):
+            spec = default_init(layer, name, p)
+            t = p.detach().float()
+            std, low, high = t.std(correction=0).item(), t.min().item(), t.max().item()
+            assert spec is not None and matches_default(spec, p.numel(), std, low, high), (layer, name)
+    custom = nn.Linear(300, 200)
+    nn.init.normal_(custom.weight, std=0.02)  # GPT-2 / timm style
+    t = custom.weight.detach()
+    spec = default_init(custom, "weight", custom.weight)
+    assert spec is not None
+    assert not matches_default(spec, t.numel(), t.std().item(), t.min().item(), t.max().item())
+    nn.init.kaiming_normal_(custom.weight, mode="fan_out", nonlinearity="relu")  # torchvision's conv init
+    assert not matches_default(spec, t.numel(), t.std().item(), t.min().item(), t.max().item())
+
+
+def test_torchvision_resnet_keeps_its_he_fan_out_convolutions_and_only_its_default_head_changes() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = init_swap(model)
+    assert report.traced_by == "fx"
+    changed = {r.param for r in report.changed}
+    assert changed == {"fc.weight", "fc.bias"}  # the only layer left at PyTorch's default
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n not in changed)
+    assert "the model's own initialisation" in report["conv1.weight"].reason
+    assert report["fc.weight"].scheme == "xavier_uniform"  # nothing follows the classifier
+
+
+class CachesOnSelf(nn.Module):
+    """Caches a tensor on ``self`` before a data-dependent branch: a symbolic trace stores a proxy, then
+    fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.scale is None:
+            self.scale = x.new_ones(4) * 2.0  # a proxy under symbolic tracing
+        y = self.lin(x) * self.scale
+        return y if y.sum() > -1e9 else -y
+
+
+def test_tracing_leaves_no_proxy_behind_in_a_model_that_caches_on_self() -> None:
+    unprotected = CachesOnSelf()
+    with pytest.raises(Exception):  # noqa: B017  any error of symbolic tracing
+        torch.fx.Tracer().trace(unprotected)
+    assert isinstance(unprotected.scale, torch.fx.Proxy)  # what a bare trace leaves behind
+    model = CachesOnSelf()
+    _, method = following_activations(model)
+    assert method == "registration"
+    assert model.scale is None  # the failed trace cached nothing
+    assert model(torch.randn(2, 4)).shape == (2, 4)
+
+
+def test_vit_class_token_and_position_table_are_not_layer_weights() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=4)
+    cls_token = model.cls_token.detach().clone()
+    kept = init_swap(model)  # 'auto': timm's ViT initialises itself, so all of it is kept
+    assert (
+        not kept.modified
+        and "VisionTransformer initialises itself (_init_weights)" in kept["cls_token"].reason
+    )
+    report = init_swap(model, "xavier_uniform")  # an explicit scheme: every layer weight changes ...
+    assert report["blocks.0.mlp.fc1.weight"].scheme == "xavier_uniform"
+    assert report["cls_token"].scheme == "kept" and "not a layer weight" in report["cls_token"].reason
+    assert torch.equal(model.cls_token, cls_token)  # ... but not the class token

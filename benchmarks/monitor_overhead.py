@@ -44,6 +44,9 @@ def main() -> None:
         "GradientMonitor every 50": lambda m, s: time_fit_and_hooks(
             m, [GradientMonitor(log_every_n_steps=50)], s
         ),
+        "GradientMonitor every 50, rules every 10": lambda m, s: time_fit_and_hooks(
+            m, [GradientMonitor(log_every_n_steps=50, sample_every_n_steps=10)], s
+        ),
         "GradientMonitor every step": lambda m, s: time_fit_and_hooks(
             m, [GradientMonitor(log_every_n_steps=1)], s
         ),

@@ -1,11 +1,14 @@
-"""Per-layer gradient norms and a plain-words diagnosis of vanishing, exploding and non-finite gradients.
+"""Per-layer gradient norms and a plain-words diagnosis of vanishing, exploding, diverging and non-finite.
 
 Layer 1: :func:`layer_index_for` (the optimizer's parameters grouped in layers, in forward order),
+:func:`endpoint_layers` (which layers may end the depth ratio), :class:`OptimizerLayers` (both, cached),
 :func:`measure_gradients` (total and per-layer norms from the fused statistics of
-:mod:`stability_callbacks.stats`) and :class:`GradientDiagnostician` (host-side rules fed with Python
-floats on logging steps). Layer 2 is :class:`GradientMonitor`: on logging steps only, it measures the
-gradients in ``on_before_optimizer_step``, logs them with one host transfer, asks the diagnostician and
-warns when the diagnosis changes.
+:mod:`stability_callbacks.stats`); the rules are :class:`~stability_callbacks.diagnosis.GradientDiagnostician`
+(device state). Layer 2 is :class:`GradientMonitor`: every ``sample_every_n_steps`` optimizer steps it
+measures the gradients in ``on_before_optimizer_step`` and gives the norms (and, at the end of the
+batch, the mean loss of the steps since the last such step) to the diagnostician without a host sync;
+on logging steps it copies the norms and the rules' state to the host once, logs them, and warns when a
+rule has fired since the last logging step.
 
 The depth ratio (first layer's gradient norm over the last layer's, in forward order) is the classic
 symptom of Glorot & Bengio (2010) and Hochreiter (1991): ``<< 1`` means the gradient dies on its way
@@ -14,11 +17,7 @@ back to the input.
 
 from __future__ import annotations
 
-import math
-import statistics
-from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from stability_callbacks._checks import check_bool, check_choice, check_int, check_number
+from stability_callbacks._checks import check_bool, check_choice, check_int
 from stability_callbacks._trainer import (
     ForwardOrder,
     StabilityCallback,
@@ -37,95 +36,18 @@ from stability_callbacks._trainer import (
     log_scalars,
     optimizer_params,
 )
-from stability_callbacks.stats import LayerIndex, combine_norms, layer_norms, tensor_norms
+from stability_callbacks.diagnosis import RULES, Diagnosis, GradientDiagnostician, pick_endpoints
+from stability_callbacks.stats import LayerIndex, combine_norms, layer_norms, tensor_norms, user_name
 
 __all__ = [
     "Diagnosis",
     "GradientDiagnostician",
     "GradientMonitor",
     "OptimizerLayers",
+    "endpoint_layers",
     "layer_index_for",
     "measure_gradients",
 ]
-
-_VANISHING_REMEDIES = (
-    "InitSwap(scheme='auto') or InitSwap(scheme='lsuv') to re-initialise for the activations in use, "
-    "ReLU-family activations instead of sigmoid/tanh, normalisation layers (BatchNorm/LayerNorm), "
-    "or residual connections"
-)
-_EXPLODING_REMEDIES = (
-    "ZClip() or AutoClip() for adaptive clipping, AGC() for unit-wise clipping, NormClip(max_norm), "
-    "a lower learning rate or a warm-up, and InitSwap(scheme='auto') if it starts at initialisation"
-)
-_NONFINITE_REMEDIES = (
-    "NonFiniteGuard(action='skip') to skip such steps, ZClip()/AutoClip() to stop the growth that "
-    "precedes them, a lower learning rate, and bf16 instead of fp16 precision"
-)
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def _names(names: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(f"'{n}'" for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-@dataclass
-class Diagnosis:
-    """What the gradients of one logging step show.
-
-    Attributes:
-        total_norm: L2 norm of all gradients.
-        depth_ratio: first layer's norm over the last layer's (``None`` with fewer than two layers).
-        vanishing: the vanishing rule has held for ``patience`` logging steps.
-        exploding: the total norm is above the absolute bound or ``spike_factor`` x its running median.
-        nonfinite: some gradient is NaN or infinite.
-        first_layer, last_layer: the layers of the depth ratio.
-        small_layers: layers whose norm is below ``vanishing_norm``.
-        nonfinite_layers: layers with a non-finite norm.
-        median: running median of past finite total norms (``None`` before it has enough values).
-    """
-
-    total_norm: float
-    depth_ratio: float | None = None
-    vanishing: bool = False
-    exploding: bool = False
-    nonfinite: bool = False
-    first_layer: str | None = None
-    last_layer: str | None = None
-    small_layers: list[str] = field(default_factory=list)
-    nonfinite_layers: list[str] = field(default_factory=list)
-    median: float | None = None
-
-    def message(self, kind: str) -> str:
-        """A plain-words explanation of one diagnosis (``"vanishing"``, ``"exploding"``, ``"nonfinite"``)."""
-        if kind == "vanishing":
-            parts = []
-            if self.depth_ratio is not None:
-                parts.append(
-                    f"the gradient norm of the first layer '{self.first_layer}' is {_fmt(self.depth_ratio)} "
-                    f"times that of the last layer '{self.last_layer}'"
-                )
-            if self.small_layers:
-                parts.append(
-                    f"{len(self.small_layers)} layer(s) have tiny gradients: {_names(self.small_layers)}"
-                )
-            return (
-                "Gradients are vanishing toward the input: "
-                + "; ".join(parts)
-                + f". Early layers barely learn. Try: {_VANISHING_REMEDIES}."
-            )
-        if kind == "exploding":
-            why = f"total gradient norm is {_fmt(self.total_norm)}"
-            if self.median:
-                why += f", {_fmt(self.total_norm / self.median)} times its running median {_fmt(self.median)}"
-            return f"Gradients are exploding: {why}. Try: {_EXPLODING_REMEDIES}."
-        if kind == "nonfinite":
-            where = f" in {_names(self.nonfinite_layers)}" if self.nonfinite_layers else ""
-            return f"Gradients contain NaN or inf{where}. Try: {_NONFINITE_REMEDIES}."
-        raise ValueError(f"unknown diagnosis kind {kind!r}")
 
 
 def layer_index_for(
@@ -168,9 +90,52 @@ def layer_index_for(
     )
 
 
+def _parents(name: str) -> list[str]:
+    """The dotted names above a module's name, up to the root ``""``."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)] if name else []
+
+
+def endpoint_layers(module: nn.Module, index: LayerIndex, order: Sequence[str] | None = None) -> list[bool]:
+    """Per layer of ``index``, whether it may be an end of the depth ratio: a layer of the network itself.
+
+    Left out are layers with a tied parameter (one held by two modules, or by a module registered twice:
+    GPT-2's ``wte`` tied to ``lm_head``, whose gradient includes the output layer's), parameters a module
+    holds beside sub-modules that hold parameters (the root's, a ViT's ``cls_token`` and ``pos_embed``,
+    a learnable temperature; ``nn.MultiheadAttention``'s ``in_proj_weight``), and, when ``order`` was
+    recorded (:class:`~stability_callbacks._trainer.ForwardOrder`), modules that never ran as a module in
+    the forward pass (``nn.MultiheadAttention.out_proj``, whose weight is used functionally).
+
+    Args:
+        module: the model.
+        index: its layer index (:func:`layer_index_for`), by layer or by parameter.
+        order: the modules in forward order; ``None`` or empty: not known, so not used.
+    """
+    owners: dict[int, int] = {}
+    owner: dict[int, str] = {}
+    holders: list[str] = []
+    for raw_name, mod in module.named_modules(remove_duplicate=False):
+        name = user_name(raw_name)  # the names of ForwardOrder
+        own = [p for _, p in mod.named_parameters(recurse=False)]
+        if own:
+            holders.append(name)
+        for p in own:
+            owners[id(p)] = owners.get(id(p), 0) + 1
+            owner.setdefault(id(p), name)
+    containers = {parent for name in holders for parent in _parents(name)}
+    ran = set(order) if order else None
+    eligible = [True] * len(index.layer_names)
+    for p, layer in zip(index.params, index.layer_of, strict=True):
+        name = owner.get(id(p), "")
+        tied = owners.get(id(p), 0) > 1
+        if tied or name == "" or name in containers or (ran is not None and name not in ran):
+            eligible[layer] = False
+    return eligible
+
+
 class OptimizerLayers:
-    """:func:`layer_index_for` of an optimizer, built again only when its trainable parameters or the
-    forward order change, so a caller on every step does not rebuild it every step.
+    """:func:`layer_index_for` of an optimizer and its :func:`endpoint_layers`, built again only when its
+    trainable parameters or the forward order change, so a caller on every step does not rebuild them.
 
     Args:
         per: ``"layer"`` or ``"parameter"`` (see :func:`layer_index_for`).
@@ -179,19 +144,39 @@ class OptimizerLayers:
     def __init__(self, per: str = "layer") -> None:
         self.per = per
         self._cached: tuple[tuple[Any, ...], LayerIndex] | None = None
+        self._ends: tuple[tuple[Any, ...], list[bool]] | None = None
+
+    def _key(self, optimizer: Optimizer, order: Sequence[str] | None) -> tuple[Any, ...]:
+        # the cached index holds the parameters, so their ids cannot be reused while it is cached
+        trainable = tuple(id(p) for p in optimizer_params(optimizer) if p.requires_grad)
+        return (id(optimizer), tuple(order or ()), trainable)
 
     def index(self, module: nn.Module, optimizer: Optimizer, order: Sequence[str] | None) -> LayerIndex:
         """The layer index of ``optimizer``'s trainable parameters in ``module``, in ``order``."""
-        # the cached index holds the parameters, so their ids cannot be reused while it is cached
-        trainable = tuple(id(p) for p in optimizer_params(optimizer) if p.requires_grad)
-        key = (id(optimizer), tuple(order or ()), trainable)
+        key = self._key(optimizer, order)
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, layer_index_for(module, optimizer, order, self.per))
         return self._cached[1]
 
+    def endpoints(self, module: nn.Module, optimizer: Optimizer, order: Sequence[str] | None) -> list[bool]:
+        """:func:`endpoint_layers` of :meth:`index`'s layers."""
+        return self.index_and_endpoints(module, optimizer, order)[1]
+
+    def index_and_endpoints(
+        self, module: nn.Module, optimizer: Optimizer, order: Sequence[str] | None
+    ) -> tuple[LayerIndex, list[bool]]:
+        """:meth:`index` and :meth:`endpoints` together (the parameters are looked at once)."""
+        index = self.index(module, optimizer, order)
+        assert self._cached is not None
+        key = self._cached[0]
+        if self._ends is None or self._ends[0] != key:
+            self._ends = (key, endpoint_layers(module, index, order))
+        return index, self._ends[1]
+
     def clear(self) -> None:
         """Forget the cached index (and the parameters it holds)."""
         self._cached = None
+        self._ends = None
 
 
 def measure_gradients(index: LayerIndex, grads: Sequence[Tensor | None]) -> tuple[Tensor, Tensor, list[bool]]:
@@ -212,92 +197,24 @@ def measure_gradients(index: LayerIndex, grads: Sequence[Tensor | None]) -> tupl
     return combine_norms(per_param), layer_norms(per_param, index), has_grad
 
 
-class GradientDiagnostician:
-    """Rules that turn per-layer gradient norms into a diagnosis; plain Python, fed once per logging step.
-
-    Vanishing: the depth ratio is below ``vanishing_ratio``, or some layer's norm is below
-    ``vanishing_norm``, for ``patience`` consecutive updates. Layers without a gradient (frozen, unused)
-    are "no gradient", not vanishing. Exploding: the total norm is above ``exploding_norm``, or above
-    ``spike_factor`` times the median of the last ``window`` finite total norms (once it has
-    ``min_history`` of them). Non-finite: any NaN or inf.
-
-    Args:
-        vanishing_ratio: depth-ratio threshold (first/last layer norm).
-        vanishing_norm: absolute per-layer norm threshold (0 turns it off).
-        exploding_norm: absolute bound on the total norm (``math.inf`` turns it off).
-        spike_factor: a total norm this many times its running median is a spike.
-        window: number of past total norms in the running median.
-        patience: consecutive updates the vanishing rule must hold.
-        min_history: values the median needs before spikes are judged.
-    """
-
-    def __init__(
-        self,
-        vanishing_ratio: float = 1e-3,
-        vanishing_norm: float = 1e-8,
-        exploding_norm: float = 1e4,
-        spike_factor: float = 10.0,
-        window: int = 50,
-        patience: int = 3,
-        min_history: int = 5,
-    ) -> None:
-        check_number("vanishing_ratio", vanishing_ratio, 0, low_open=True)
-        check_number("vanishing_norm", vanishing_norm, 0)
-        check_number("exploding_norm", exploding_norm, 0, low_open=True)
-        check_number("spike_factor", spike_factor, 1, low_open=True)
-        for name, value in (("window", window), ("patience", patience), ("min_history", min_history)):
-            check_int(name, value)
-        self.vanishing_ratio = vanishing_ratio
-        self.vanishing_norm = vanishing_norm
-        self.exploding_norm = exploding_norm
-        self.spike_factor = spike_factor
-        self.window = window
-        self.patience = patience
-        self.min_history = min_history
-        self.history: deque[float] = deque(maxlen=window)
-        self.vanishing_streak = 0
-
-    def update(self, total: float, norms: Sequence[float | None], names: Sequence[str]) -> Diagnosis:
-        """Diagnose one step from its total and per-layer norms in forward order (``None``: no gradient)."""
-        d = Diagnosis(total_norm=total)
-        present = [(n, v) for n, v in zip(names, norms, strict=True) if v is not None]
-        d.nonfinite_layers = [n for n, v in present if not math.isfinite(v)]
-        d.nonfinite = bool(d.nonfinite_layers) or not math.isfinite(total)
-        if len(present) >= 2:
-            (d.first_layer, first), (d.last_layer, last) = present[0], present[-1]
-            if math.isfinite(first) and math.isfinite(last) and last > 0:
-                d.depth_ratio = first / last
-        d.small_layers = [n for n, v in present if math.isfinite(v) and v < self.vanishing_norm]
-
-        vanishing_now = not d.nonfinite and (
-            (d.depth_ratio is not None and d.depth_ratio < self.vanishing_ratio) or bool(d.small_layers)
-        )
-        self.vanishing_streak = self.vanishing_streak + 1 if vanishing_now else 0
-        d.vanishing = self.vanishing_streak >= self.patience
-
-        if len(self.history) >= self.min_history:
-            d.median = statistics.median(self.history)
-        if math.isfinite(total):
-            d.exploding = total > self.exploding_norm or (
-                d.median is not None and total > self.spike_factor * d.median
-            )
-            self.history.append(total)
-        return d
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "vanishing_streak": self.vanishing_streak}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = deque((float(v) for v in state.get("history", [])), maxlen=self.window)
-        self.vanishing_streak = int(state.get("vanishing_streak", 0))
-
-
 class GradientMonitor(StabilityCallback):
-    """Logs gradient norms per layer and diagnoses vanishing, exploding and non-finite gradients.
+    """Logs gradient norms per layer and diagnoses vanishing, exploding, diverging and non-finite training.
 
-    Nothing runs on steps that do not log: on a logging step the norms of all gradients are computed
-    in one fused pass, copied to the host once, diagnosed, and logged. On each change of diagnosis one
-    warning (rank zero) says what is wrong, where, and which remedies of this library to try.
+    On every optimizer step (every ``sample_every_n_steps``-th, if set) the gradients are measured in one
+    fused pass and given, with the training loss (``outputs["loss"]`` of ``training_step``, averaged over
+    the micro-batches since the last such step and, under DDP, over the ranks), to the rules of
+    :class:`~stability_callbacks.diagnosis.GradientDiagnostician`, which keep their statistics and flags
+    on the device: nothing is read to the host on a step that does not log. On a logging step the norms
+    and the rules' state are copied to the host once and logged, and one warning (rank zero) says for
+    each rule that fired since the last logging step what it saw, with its numbers, and which remedies of
+    this library to try. Windows and patience count optimizer steps, and the steps the rules see do not
+    depend on the logging cadence, so neither do the flags at a step. The rules and their hysteresis are
+    described in :mod:`stability_callbacks.diagnosis`; at the end of the fit the last step's diagnosis is
+    read once more (``last_diagnosis``), with the loss of that step.
+
+    The depth ratio's ends are the first and the last layer of the network in forward order, leaving out
+    tied parameters, parameters held beside sub-modules (the root's, a ViT's ``cls_token``) and modules
+    that never run as a module (:func:`endpoint_layers`); the messages name them.
 
     It measures the gradients before any callback changes them, so it goes before the clippers, the
     guard and the autopilot in ``Trainer(callbacks=[...])``; setup raises a clear error otherwise.
@@ -307,11 +224,29 @@ class GradientMonitor(StabilityCallback):
             if ``None``.
         group_by: ``"layer"`` (modules that own parameters) or ``"parameter"``.
         per_layer: log one ``grad_norm/<layer>`` key per layer (off: only the total and health keys).
-        update_ratio: also log ``update_ratio/<layer>`` = ||Δw|| / ||w|` of the step (copies the
+        update_ratio: also log ``update_ratio/<layer>`` = ||Δw|| / ||w||` of the step (copies the
             weights on logging steps only).
-        vanishing_ratio, vanishing_norm, exploding_norm, spike_factor, window, patience: the rules of
-            :class:`GradientDiagnostician`, counted in logging steps.
+        vanishing_ratio, vanishing_norm: the vanishing rule (depth ratio; tiny layers).
+        exploding_norm: an absolute bound on the total norm, off (``None``) by default: the exploding
+            rule compares the norm with the run's own level instead, which does not depend on the loss's
+            reduction. Formerly ``1e4`` and always on.
+        spike_factor: exploding on-threshold, a multiple of the run's own level of the total norm.
+        window: optimizer steps in the running medians of the total norm and of the loss (formerly
+            logging steps).
+        patience: consecutive optimizer steps a rule must hold before its flag turns on (formerly
+            logging steps, and the vanishing rule only).
         warn: emit the plain-words warnings.
+        recovery: consecutive optimizer steps under a rule's off-threshold before its flag turns off.
+        min_history: accepted norms (losses) before the exploding (diverging) rule judges.
+        diverging_factor: the diverging rule's threshold, a multiple of the median of recent losses.
+        sample_every_n_steps: the rules see optimizer steps ``n-1, 2n-1, ...`` only (1: every step).
+            Each such step costs one pass over the gradients, as a clipper's step does (on a CPU, where
+            norms accumulate in float64, a sizeable part of a step: see the README's "Diagnosis"); at
+            ``n=10`` a tenth of that. ``window``, ``patience``, ``recovery`` and ``min_history`` stay in
+            optimizer steps (a rule holds on at least two consecutive samples when ``patience >= 2``).
+            Sampled rules raise no false alarm on the labelled suite either, but they miss what starts
+            and ends between two samples (an explosion that turns into NaN within ``n`` steps is then
+            reported as non-finite and diverging only).
 
     Logged keys (on logging steps):
 
@@ -322,8 +257,11 @@ class GradientMonitor(StabilityCallback):
     ``grad_norm/<layer>``           L2 norm of one layer's gradients
     ``grad_health/depth_ratio``     first layer's norm / last layer's norm, in forward order
     ``grad_health/vanishing``       1.0 while gradients are diagnosed as vanishing, else 0.0
-    ``grad_health/exploding``       1.0 while the total norm is above its bound or spiking
-    ``grad_health/nonfinite``       1.0 when a gradient holds NaN or inf
+    ``grad_health/exploding``       1.0 while the total norm is far above the run's own level and the
+                                    loss does not fall, else 0.0
+    ``grad_health/diverging``       1.0 while the training loss is far above its recent level or
+                                    non-finite, else 0.0
+    ``grad_health/nonfinite``       1.0 when a gradient of this step holds NaN or inf
     ``update_ratio/<layer>``        ||Δw|| / ||w|| of the optimizer step (``update_ratio=True``)
     ==============================  ==================================================================
     """
@@ -338,13 +276,19 @@ class GradientMonitor(StabilityCallback):
         update_ratio: bool = False,
         vanishing_ratio: float = 1e-3,
         vanishing_norm: float = 1e-8,
-        exploding_norm: float = 1e4,
+        exploding_norm: float | None = None,
         spike_factor: float = 10.0,
         window: int = 50,
         patience: int = 3,
         warn: bool = True,
+        recovery: int = 10,
+        min_history: int = 5,
+        diverging_factor: float = 2.0,
+        sample_every_n_steps: int = 1,
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        check_int("sample_every_n_steps", sample_every_n_steps)
+        self.sample_every_n_steps = sample_every_n_steps
         check_choice("group_by", group_by, ("layer", "parameter"))
         for name, flag in (("per_layer", per_layer), ("update_ratio", update_ratio), ("warn", warn)):
             check_bool(name, flag)
@@ -360,31 +304,51 @@ class GradientMonitor(StabilityCallback):
             spike_factor=spike_factor,
             window=window,
             patience=patience,
+            min_history=min_history,
+            recovery=recovery,
+            diverging_factor=diverging_factor,
+            sample_every=sample_every_n_steps,
         )
-        self.state: dict[str, bool] = {"vanishing": False, "exploding": False, "nonfinite": False}
+        self.state: dict[str, bool] = {k: False for k in (*RULES, "nonfinite")}
         self.last_diagnosis: Diagnosis | None = None
+        self._seen: dict[str, int] = {k: 0 for k in (*RULES, "nonfinite")}
         self._order = ForwardOrder()
         self._layers = OptimizerLayers(group_by)
         self._before: tuple[LayerIndex, list[Tensor]] | None = None
+        self._measured: tuple[int, LayerIndex, Tensor, Tensor, list[bool], tuple[int, int] | None] | None = (
+            None
+        )
+        self._batch_step = -1
+        self._loss_sum: Tensor | None = None
+        self._loss_count = 0
         self._warned_empty = False
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(group_by=self.group_by, log_every_n_steps=self.log_every_n_steps)
+        return self._generate_state_key(
+            group_by=self.group_by,
+            log_every_n_steps=self.log_every_n_steps,
+            sample_every_n_steps=self.sample_every_n_steps,
+        )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_reads_before_modifiers(trainer, self)
         self._order.reset()
         self._layers.clear()
+        self._measured = None
 
-    # -- forward order, recorded once on the first training batch ---------------------------------
+    # -- every step: forward order, gradients, loss --------------------------------------------------
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._order.start(pl_module)
+        self._batch_step = trainer.global_step
 
-    # -- the logging step ------------------------------------------------------------------------
+    def _sampled(self, step: int) -> bool:
+        """Whether the rules observe optimizer step ``step`` (a fixed grid, whatever the logging cadence:
+        steps ``n-1, 2n-1, ...`` for ``sample_every_n_steps=n``, like Lightning's logging steps)."""
+        return (step + 1) % self.sample_every_n_steps == 0
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -392,16 +356,18 @@ class GradientMonitor(StabilityCallback):
         self._order.stop()
         if is_logging_step(trainer, log_every(trainer, self.log_every_n_steps)):
             self.diagnose(trainer, pl_module, optimizer)
+        elif self._sampled(trainer.global_step):
+            self._observe(trainer, pl_module, optimizer)
 
-    def diagnose(
+    def _observe(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> Diagnosis | None:
-        """Measure, diagnose, warn and log the gradients of ``optimizer`` now (one host transfer).
-
-        Called by ``on_before_optimizer_step`` on logging steps; a composing callback may call it on the
-        steps it chooses. Returns the :class:`Diagnosis`, or ``None`` when there is nothing to measure.
-        """
-        index = self._layers.index(pl_module, optimizer, self._order.order)
+    ) -> tuple[int, LayerIndex, Tensor, Tensor, list[bool], tuple[int, int] | None] | None:
+        """Measure this step's gradients, and give them to the rules on a sampled step; once per step
+        (no host sync)."""
+        step = trainer.global_step
+        if self._measured is not None and self._measured[0] == step:
+            return self._measured
+        index, eligible = self._layers.index_and_endpoints(pl_module, optimizer, self._order.order)
         if not index.params:
             if not self._warned_empty:
                 self._warned_empty = True
@@ -413,16 +379,31 @@ class GradientMonitor(StabilityCallback):
         if all(g is None for g in grads):  # e.g. training_step returned None: nothing to measure
             return None
         total, per_layer, has_grad = measure_gradients(index, grads)
-        host = torch.cat([total.reshape(1), per_layer]).tolist()  # the one host transfer of this step
-        norms = [v if has_grad[i] else None for i, v in enumerate(host[1:])]
-        d = self.diagnostician.update(host[0], norms, index.layer_names)
-        self.last_diagnosis = d
-        self._announce(d)
+        ends = pick_endpoints(eligible, has_grad)
+        if self._sampled(step):
+            self.diagnostician.observe(total, per_layer, has_grad, ends, step)
+        self._measured = (step, index, total, per_layer, has_grad, ends)
+        return self._measured
 
-        summary: dict[str, float] = {"grad_norm/total": host[0]}
+    def diagnose(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> Diagnosis | None:
+        """Measure, diagnose, warn and log the gradients of ``optimizer`` now (one host transfer).
+
+        Called by ``on_before_optimizer_step`` on logging steps; a composing callback may call it on the
+        steps it chooses (a step is given to the rules once, however often it is diagnosed). Returns the
+        :class:`~stability_callbacks.diagnosis.Diagnosis`, or ``None`` when there is nothing to measure.
+        """
+        measured = self._observe(trainer, pl_module, optimizer)
+        if measured is None:
+            return None
+        d, norms = self._read(measured)
+        index = measured[1]
+
+        summary: dict[str, float] = {"grad_norm/total": d.total_norm}
         if d.depth_ratio is not None:
             summary["grad_health/depth_ratio"] = d.depth_ratio
-        summary |= {f"grad_health/{k}": float(getattr(d, k)) for k in ("vanishing", "exploding", "nonfinite")}
+        summary |= {f"grad_health/{k}": float(v) for k, v in d.flags().items()}
         detail: dict[str, float] = {}
         if self.per_layer:
             detail = {
@@ -434,9 +415,25 @@ class GradientMonitor(StabilityCallback):
             self._before = (index, [p.detach().clone() for p in index.params])
         return d
 
+    def _read(
+        self, measured: tuple[int, LayerIndex, Tensor, Tensor, list[bool], tuple[int, int] | None]
+    ) -> tuple[Diagnosis, list[float | None]]:
+        """Copy a measured step's norms and the rules' state to the host at once; diagnose and warn."""
+        step, index, total, per_layer, has_grad, ends = measured
+        state = self.diagnostician.readout()
+        dtype = state.dtype if state.numel() else torch.float32
+        host = torch.cat([total.reshape(1).to(dtype), per_layer.to(dtype), state.to(total.device)]).tolist()
+        n = len(index.layer_names)
+        norms = [v if has_grad[i] else None for i, v in enumerate(host[1 : n + 1])]
+        d = self.diagnostician.diagnosis(host[n + 1 :], host[0], norms, index.layer_names, ends, step)
+        self.last_diagnosis = d
+        self._announce(d)
+        return d, norms
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._add_loss(trainer, pl_module, outputs)
         if self._before is None:
             return
         index, before = self._before
@@ -448,27 +445,54 @@ class GradientMonitor(StabilityCallback):
         detail = {f"update_ratio/{n}": ratio[i] for i, n in enumerate(index.layer_names)}
         log_scalars(trainer, detail, step=trainer.global_step - 1)
 
+    def _add_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
+        """Add the batch's loss to the mean of the steps since the last sampled step; give that mean to
+        the rules once a sampled step is taken (Lightning divides the loss it returns by
+        ``accumulate_grad_batches``)."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            value = loss.detach().reshape(()).float() * scale
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+            self._loss_count += 1
+        if trainer.global_step == self._batch_step or not self._sampled(self._batch_step):
+            return  # no optimizer step in this batch (accumulating), or not a step the rules observe
+        measured, total, count = self._measured, self._loss_sum, self._loss_count
+        self._loss_sum, self._loss_count = None, 0
+        if measured is None or measured[0] != self._batch_step or total is None:
+            return  # the step's gradients were not measured, or it had no loss
+        mean = total / count
+        if trainer.world_size > 1:  # every rank decides on the same loss
+            mean = trainer.strategy.reduce(mean, reduce_op="mean")
+        self.diagnostician.observe_loss(mean, measured[0])
+
     def _announce(self, d: Diagnosis) -> None:
-        for kind in ("vanishing", "exploding", "nonfinite"):
+        for kind in (*RULES, "nonfinite"):
             now = bool(getattr(d, kind))
-            if now == self.state[kind]:
-                continue
+            count = d.nonfinite_steps if kind == "nonfinite" else d.episodes.get(kind, 0)
+            fired = count > self._seen[kind] and not (kind == "nonfinite" and self.state[kind])
+            cleared = self.state[kind] and not now
             self.state[kind] = now
+            self._seen[kind] = count
             if not self.warn:
                 continue
-            if now:
+            if fired:
                 rank_zero_warn(f"GradientMonitor: {d.message(kind)}", category=UserWarning)
-            else:
-                label = {"nonfinite": "non-finite"}.get(kind, kind)
-                rank_zero_info(
-                    f"GradientMonitor: gradients are no longer {label} (total norm {_fmt(d.total_norm)})."
-                )
+            elif cleared:
+                what = {
+                    "nonfinite": "gradients are no longer non-finite",
+                    "diverging": "training is no longer diverging",
+                }.get(kind, f"gradients are no longer {kind}")
+                rank_zero_info(f"GradientMonitor: {what} (step {d.step}, total norm {d.total_norm:.3g}).")
 
     # -- lifecycle and state ---------------------------------------------------------------------
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._order.stop()
         self._before = None
+        if self._measured is not None:  # the rules have seen the last loss since the last read
+            self._read(self._measured)
+        self._measured = None
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -477,8 +501,13 @@ class GradientMonitor(StabilityCallback):
         super().on_exception(trainer, pl_module, exception)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"diagnostician": self.diagnostician.state_dict(), "state": dict(self.state)}
+        return {
+            "diagnostician": self.diagnostician.state_dict(),
+            "state": dict(self.state),
+            "seen": dict(self._seen),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.diagnostician.load_state_dict(state_dict.get("diagnostician", {}))
         self.state.update({k: bool(v) for k, v in state_dict.get("state", {}).items() if k in self.state})
+        self._seen.update({k: int(v) for k, v in state_dict.get("seen", {}).items() if k in self._seen})

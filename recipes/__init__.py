@@ -14,7 +14,7 @@ from ``stability_callbacks`` callbacks and model flags:
 Modules: ``spec`` (the shared types: variant, preset, recipe, run results), ``base`` (the models'
 LightningModule base), ``data``, the recipe modules above, ``registry`` (the recipes by name), ``train``
 (one run), ``runner`` (compare, demo, depth table), ``reports`` (tables, summary files, event files) and
-``__main__`` (the command line).
+``cli`` (the command line, run by ``python -m recipes``).
 
 Run ``python -m recipes demo`` then ``tensorboard --logdir logs``; ``python -m recipes --help`` for more.
 """

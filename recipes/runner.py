@@ -21,7 +21,7 @@ from recipes.data import make_datamodule
 from recipes.registry import RECIPES, get_recipe
 from recipes.reports import format_table, write_summary
 from recipes.spec import Preset, Recipe, RunResult
-from recipes.train import RunRecorder, quiet_lightning, run_variant
+from recipes.train import RunRecorder, progress_line, quiet_lightning, run_variant
 from stability_callbacks import GradientMonitor
 
 __all__ = [
@@ -51,17 +51,25 @@ def compare(
     download: bool = False,
     log_dir: str | Path = "logs",
     variants: Sequence[str] | None = None,
-    progress: bool = True,
+    progress: bool = False,
     echo: bool = True,
 ) -> dict[str, RunResult]:
     """Run every variant of ``recipe`` (or those named) with the same seed and budget, write the summary
-    files under ``<log_dir>/<recipe>/`` and print the table."""
+    files under ``<log_dir>/<recipe>/`` and print the table.
+
+    Unknown names in ``variants`` raise ``ValueError`` before anything trains. ``progress`` shows
+    Lightning's progress bar in each run; ``echo`` prints one line as each run ends, then the table.
+    """
     rec = get_recipe(recipe)
     names = list(variants) if variants is not None else list(rec.variants)
+    unknown = [n for n in names if n not in rec.variants]
+    if unknown:
+        raise ValueError(
+            f"unknown variant(s) {', '.join(map(repr, unknown))} of {rec.name}; "
+            f"choose from {', '.join(rec.variants)}"
+        )
     results: dict[str, RunResult] = {}
-    bar = tqdm(names, desc=recipe, unit="run", disable=not progress, leave=True)
-    for name in bar:
-        bar.set_postfix_str(name)
+    for name in names:
         results[name] = run_variant(
             rec,
             name,
@@ -72,9 +80,10 @@ def compare(
             data_dir=data_dir,
             download=download,
             log_dir=log_dir,
-            progress=False,
+            progress=progress,
         )
-    bar.close()
+        if echo:
+            print(progress_line(results[name]), flush=True)
     write_summary(rec, seed, results, Path(log_dir) / rec.name, preset=preset)
     if echo:
         print(f"\n{recipe} (seed {seed}, preset {preset})")
@@ -84,9 +93,10 @@ def compare(
 
 
 def demo(
-    *, seed: int = 0, log_dir: str | Path = "logs", max_steps: int | None = None, progress: bool = True
+    *, seed: int = 0, log_dir: str | Path = "logs", max_steps: int | None = None, progress: bool = False
 ) -> dict[str, dict[str, RunResult]]:
-    """``compare`` for every recipe on the CPU preset; prints each table and the total time."""
+    """``compare`` for every recipe on the CPU preset; prints a line per run, each table and the total
+    time (``progress``: Lightning's progress bar in each run)."""
     start = time.perf_counter()
     out = {
         name: compare(name, seed=seed, max_steps=max_steps, log_dir=log_dir, progress=progress)

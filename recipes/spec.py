@@ -8,15 +8,53 @@ flags and library callbacks; the recipes compute no gradient statistics and clip
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
-__all__ = ["CorruptedResult", "Preset", "Recipe", "RunResult", "Variant"]
+__all__ = ["CorruptedResult", "Preset", "Recipe", "RunResult", "Variant", "filter_third_party_warnings"]
+
+
+def filter_third_party_warnings() -> None:
+    """Hide the warnings of other packages that a recipe run would print every time and that say nothing
+    about the run: torch's ``isinstance(treespec, LeafSpec)`` deprecation (raised inside Lightning),
+    Lightning's litlogger tip and its ``num_workers`` hints. Called by the recipes' entry points only
+    (``python -m recipes`` and :meth:`Recipe.cli_main`), never by the library."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where rank_zero_info logs
+    if _LITLOGGER_TIP not in tips.filters:
+        tips.addFilter(_LITLOGGER_TIP)
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+_LITLOGGER_TIP = _DropLitLoggerTip()
+
+
+class _RecipeCLI(LightningCLI):
+    """LightningCLI that runs with the recipe's CPU thread count when the trainer is on the CPU."""
+
+    def __init__(self, *args: Any, cpu_threads: int | None = None, **kwargs: Any) -> None:
+        self.cpu_threads = cpu_threads
+        super().__init__(*args, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self.cpu_threads and isinstance(self.trainer.accelerator, CPUAccelerator):
+            torch.set_num_threads(self.cpu_threads)
 
 
 @dataclass
@@ -27,8 +65,9 @@ class Variant:
         name: the variant's name (``--variant``).
         description: one line saying what it shows.
         model: keyword arguments that override the recipe's model defaults.
-        callbacks: builds the library callbacks this variant adds (besides the monitor and histograms,
-            which every run has); called once per run, so every run gets fresh callbacks.
+        callbacks: builds the library callbacks this variant adds (besides the monitor, which every run
+            has, and the histogram logger, which every run that writes logs has); called once per run,
+            so every run gets fresh callbacks.
     """
 
     name: str
@@ -92,8 +131,23 @@ class Recipe:
     flat: bool = False
 
     def cli_main(self, args: ArgsType = None) -> None:
-        """LightningCLI entry point of the recipe's module: ``python -m recipes.<name> fit --config ...``."""
-        LightningCLI(self.module, pl.LightningDataModule, subclass_mode_data=True, args=args)
+        """LightningCLI entry point of the recipe's module: ``python -m recipes.<name> fit --config ...``.
+
+        On the CPU it trains with the CPU preset's thread count (``cpu_threads``), as ``python -m recipes
+        run`` does, and restores the previous count when it returns.
+        """
+        filter_third_party_warnings()
+        threads = torch.get_num_threads()
+        try:
+            _RecipeCLI(
+                self.module,
+                pl.LightningDataModule,
+                subclass_mode_data=True,
+                args=args,
+                cpu_threads=self.presets["cpu"].cpu_threads if "cpu" in self.presets else None,
+            )
+        finally:
+            torch.set_num_threads(threads)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Training one variant of a recipe: :func:`run_variant` and the :class:`RunRecorder` it trains with.
 
-Every run trains with :class:`~stability_callbacks.GradientMonitor` and
+Every run trains with :class:`~stability_callbacks.GradientMonitor` and, when it writes logs,
 :class:`~stability_callbacks.HistogramLogger` on, writes TensorBoard logs to
 ``<log_dir>/<recipe>/<variant>/seed<S>/``, and stops early when it diverges (a non-finite training loss,
 or one above the recipe's bound).
@@ -24,11 +24,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from recipes.data import make_datamodule, torchvision_available
 from recipes.registry import get_recipe
-from recipes.reports import layer_norms_from_events
+from recipes.reports import format_number, layer_norms_from_events
 from recipes.spec import Preset, Recipe, RunResult
 from stability_callbacks import GradientMonitor, HistogramLogger
 
-__all__ = ["RunRecorder", "quiet_lightning", "resolve_data", "run_variant"]
+__all__ = ["RunRecorder", "progress_line", "quiet_lightning", "resolve_data", "run_variant"]
 
 
 class RunRecorder(Callback):
@@ -85,8 +85,12 @@ class RunRecorder(Callback):
         self._check(trainer)
 
 
-def _library_callbacks(preset: Preset) -> tuple[GradientMonitor, list[Callback]]:
+def _library_callbacks(preset: Preset, histograms: bool) -> tuple[GradientMonitor, list[Callback]]:
+    """The monitor, and the histogram logger when the run writes TensorBoard logs (without a logger it
+    would only warn that it has nowhere to write)."""
     monitor = GradientMonitor(warn=False)
+    if not histograms:
+        return monitor, [monitor]
     return monitor, [monitor, HistogramLogger(every_n_steps=preset.histogram_every_n_steps)]
 
 
@@ -99,6 +103,16 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*")
     warnings.filterwarnings("ignore", message=".*val_check_interval.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning.*")
+
+
+def progress_line(result: RunResult) -> str:
+    """One line for a finished run, e.g. ``deep_mlp/sigmoid seed0: 200 steps in 16.2 s, train loss 2.303``."""
+    loss = format_number(result.final_train_loss)
+    end = ", diverged" if result.diverged else ""
+    return (
+        f"{result.recipe}/{result.variant} seed{result.seed}: {result.steps} steps "
+        f"in {result.seconds:.1f} s, train loss {loss}{end}"
+    )
 
 
 def resolve_data(recipe: Recipe, preset: Preset, data: str | None, data_dir: str | None) -> str:
@@ -171,7 +185,7 @@ def run_variant(
         download=download,
         **pre.data_kwargs,
     )
-    monitor, library = _library_callbacks(pre)
+    monitor, library = _library_callbacks(pre, histograms=log_dir is not None)
     recorder = RunRecorder(rec.divergence_bound, check_every=min(10, steps), monitor=monitor)
     callbacks: list[Callback] = [*library, *var.callbacks(), *extra_callbacks, recorder]
 

@@ -42,7 +42,8 @@ from stability_callbacks.histogram_math import (
     to_histograms,
     write_histograms,
 )
-from stability_callbacks.stats import LayerIndex
+from stability_callbacks.stats import LayerIndex, user_name
+from stability_callbacks.tb_crc import install_fast_crc
 
 __all__ = [
     "Histogram",
@@ -214,12 +215,13 @@ class HistogramLogger(StabilityCallback):
             "Use a data-parallel strategy (e.g. strategy='ddp') to record histograms.",
         )
         check_reads_before_modifiers(trainer, self)
-        self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
+        install_fast_crc()  # C CRC-32C for TensorBoard's record writer, when installed
+        self._param_names = {id(p): user_name(name) for name, p in pl_module.named_parameters()}
         self._index = LayerIndex.build(pl_module)
         leaves = [
-            (name, mod)
+            (user_name(name), mod)
             for name, mod in pl_module.named_modules()
-            if name and next(mod.children(), None) is None and self._wanted(f"activations/{name}")
+            if name and next(mod.children(), None) is None and self._wanted(f"activations/{user_name(name)}")
         ]
         self._act_modules = [leaves[i] for i in _evenly(len(leaves), self.max_tensors)]
         self._order.reset()  # a new fit learns the forward order again

@@ -363,7 +363,8 @@ def test_spike_rolls_back_to_snapshot_and_cools_down(tmp_path: Path, mode: str, 
 def test_nan_burst_skips_then_rolls_back(tmp_path: Path) -> None:
     model = TroubleMLP(nan_steps=(12, 13, 14))
     ap = _autopilot(guard=True, max_consecutive_skips=3)
-    spy = _fit(tmp_path, model, ap, steps=20)
+    with pytest.warns(UserWarning, match="NonFiniteGuard: skipped step 12"):
+        spy = _fit(tmp_path, model, ap, steps=20)
     assert spy.rollback_at == [14]
     assert ap.skipped == 3
     # steps 12 and 13 were skipped: nothing changed
@@ -550,7 +551,10 @@ def test_actions_are_logged_and_explained(tmp_path: Path) -> None:
     ap = _autopilot(verbose=True, log_every_n_steps=5)
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     trainer = make_trainer(tmp_path, callbacks=[ap], logger=logger, max_epochs=1)
-    with pytest.warns(UserWarning, match=r"StabilityAutopilot: step 13: the training loss spiked at step 12"):
+    with (
+        pytest.warns(UserWarning, match=r"StabilityAutopilot: step 17: cooldown over"),
+        pytest.warns(UserWarning, match=r"StabilityAutopilot: step 13: the training loss spiked at step 12"),
+    ):
         trainer.fit(model, make_loader(n=16 * 20))
     acc = load_events(logger.log_dir)
     rollback = scalars(acc, "autopilot/rollback")

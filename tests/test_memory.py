@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from conftest import make_trainer
 from lightning.pytorch.callbacks import Callback
@@ -189,6 +190,7 @@ class Measured:
         return measured
 
 
+@pytest.mark.slow
 def test_logging_step_host_memory_is_bounded_by_bins_times_tensors(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = WideMLP()

@@ -136,7 +136,8 @@ def test_gradient_clip_val_lets_a_nan_step_into_the_weights_the_guard_does_not(t
         return [p.detach() for p in module.parameters()]
 
     clipped = weights([], gradient_clip_val=1.0)
-    guarded = weights([NonFiniteGuard()])
+    with pytest.warns(UserWarning, match="NonFiniteGuard: skipped step 2"):
+        guarded = weights([NonFiniteGuard()])
     assert all(torch.isnan(w).all() for w in clipped)
     assert all(torch.isfinite(w).all() for w in guarded)
 

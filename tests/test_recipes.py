@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
-import runpy
-import subprocess
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 
-from recipes import runner
+from recipes import cli, runner
 from recipes.data import (
     AddingDataModule,
     DigitsDataModule,
@@ -26,6 +28,7 @@ from recipes.data import (
 from recipes.deep_mlp import DeepMLP, HighwayLayer, ResidualLayer
 from recipes.lstm import SequenceModel
 from recipes.resnet import CifarResNet, ResNetClassifier
+from recipes.spec import filter_third_party_warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {
@@ -132,7 +135,7 @@ def test_deep_mlp_he_init_has_the_activation_gain() -> None:
     hidden = net.net[2]
     assert isinstance(hidden, nn.Linear)
     expected = math.sqrt(2.0 / (1 + 0.2**2)) / math.sqrt(2000)
-    assert abs(float(hidden.weight.std()) / expected - 1) < 0.01
+    assert abs(float(hidden.weight.detach().std()) / expected - 1) < 0.01
     assert torch.all(hidden.bias == 0)
 
 
@@ -192,7 +195,15 @@ ALL_VARIANTS = [(r, v) for r in runner.RECIPES for v in runner.get_recipe(r).var
 
 @pytest.mark.parametrize(("recipe", "variant"), ALL_VARIANTS, ids=[f"{r}-{v}" for r, v in ALL_VARIANTS])
 def test_every_variant_runs_three_steps(tmp_path: Path, recipe: str, variant: str) -> None:
-    result = runner.run_variant(recipe, variant, max_steps=3, log_dir=tmp_path, progress=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", UserWarning)
+        result = runner.run_variant(recipe, variant, max_steps=3, log_dir=tmp_path, progress=False)
+    # What the library says during a run (InitSwap re-initialising, say) comes from a callback of the run
+    # and starts with its name.
+    ours = {type(c).__name__ for c in runner.get_recipe(recipe).variants[variant].callbacks()}
+    ours |= {"GradientMonitor", "HistogramLogger"}
+    said = [str(w.message) for w in seen if "stability_callbacks" in w.filename]
+    assert [m for m in said if m.split(":")[0] not in ours] == []
     assert set(result.summary()) == SUMMARY_KEYS
     assert result.steps == 3 or result.diverged
     assert result.val_metric_name == ("val_mse" if recipe == "lstm" else "val_acc")
@@ -224,32 +235,45 @@ def test_unknown_names_raise(tmp_path: Path) -> None:
 
 
 def _main(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    old = sys.argv
-    sys.argv = ["python -m recipes", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_module("recipes", run_name="__main__")
-    finally:
-        sys.argv = old
-    assert exit_info.value.code == 0
+    assert cli.main(args) == 0
     return capsys.readouterr().out
 
 
-def test_list_names_every_variant_with_a_description() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "recipes", "list"], capture_output=True, text=True, check=True, cwd=ROOT
-    ).stdout
+def test_list_names_every_variant_with_a_description_and_every_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = _main(["list"], capsys)
     for recipe, variant in ALL_VARIANTS:
         desc = runner.get_recipe(recipe).variants[variant].description
         assert f"{variant}  " in out and desc in out
+    commands = out[out.index("commands (") :]
+    listed = re.findall(r"^  (\S+)  ", commands, re.M)
+    assert listed == ["list", "run", "compare", "demo", "depth-table", "corrupted"]
+    for name in listed:  # each is a real subcommand of the parser
+        with pytest.raises(SystemExit) as exit_info:
+            cli.build_parser().parse_args([name, "--help"])
+        assert exit_info.value.code == 0
+    for config in CONFIGS:
+        assert config.name in out
 
 
-def test_run_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = _main(
-        ["run", "deep_mlp", "--variant", "relu_he", "--max-steps", "3", "--log-dir", str(tmp_path)], capsys
-    )
-    assert "relu_he" in out and "val_acc" in out
+def test_run_command_is_quiet_and_progress_brings_the_bar_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["run", "deep_mlp", "--variant", "relu_he", "--max-steps", "3", "--log-dir", str(tmp_path)]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert re.fullmatch(r"deep_mlp/relu_he seed0: 3 steps in \d+\.\d s, train loss \d\.\d+", lines[0])
+    assert lines[1].split()[:3] == ["variant", "train", "loss"] and "val_acc" in lines[1]
+    assert lines[-1].startswith("logs: ") and len(lines) == 5  # the line, the table (3 lines), the logs
+    assert "Epoch" not in captured.out + captured.err and "it/s" not in captured.out + captured.err
     assert list((tmp_path / "deep_mlp" / "relu_he" / "seed0").glob("events.out.tfevents.*"))
+
+    assert cli.main([*args, "--progress"]) == 0
+    captured = capsys.readouterr()
+    assert "Epoch 0" in captured.out + captured.err  # Lightning's progress bar
+    assert "\ndeep_mlp/relu_he seed0: 3 steps in " in captured.out
 
 
 def test_compare_writes_summary_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -283,23 +307,142 @@ def test_depth_table_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert plain12["depth_ratio_init"] < res12["depth_ratio_init"]  # sigmoid vanishes without shortcuts
 
 
+# -- usage errors: exit status 2, a message, no traceback, nothing trained ----------------------------------
+
+USAGE_ERRORS = [
+    (["run", "deep_mlp", "--variant", "nosuch"], "argument --variant: unknown variant 'nosuch' of deep_mlp"),
+    (["run", "nosuch", "--variant", "sigmoid"], "argument recipe: invalid choice: 'nosuch'"),
+    (
+        ["compare", "lstm", "--variants", "rnn,nosuch"],
+        "argument --variants: unknown variant 'nosuch' of lstm",
+    ),
+    (["compare", "lstm", "--variants", "rnn,,gru"], "argument --variants: expected comma-separated names"),
+    (["compare", "lstm", "--variants", "rnn,rnn"], "argument --variants: a name is repeated"),
+    (
+        ["run", "deep_mlp", "--variant", "sigmoid", "--preset", "tpu"],
+        "argument --preset: invalid choice: 'tpu'",
+    ),
+    (["run", "deep_mlp", "--variant", "sigmoid", "--seed", "-1"], "argument --seed: a seed is an integer in"),
+    (["compare", "resnet", "--seed", str(2**32)], "argument --seed: a seed is an integer in [0, 4294967295]"),
+    (["run", "deep_mlp", "--variant", "sigmoid", "--seed", "1.5"], "argument --seed: expected an integer"),
+    (["demo", "--seed", "abc"], "argument --seed: expected an integer, got 'abc'"),
+    (["corrupted", "--seed", "-2"], "argument --seed: a seed is an integer in"),
+    (["depth-table", "--seed", "-2"], "argument --seed: a seed is an integer in"),
+    (
+        ["run", "deep_mlp", "--variant", "sigmoid", "--max-steps", "0"],
+        "argument --max-steps: expected an integer >= 1",
+    ),
+    (["demo", "--max-steps", "-5"], "argument --max-steps: expected an integer >= 1"),
+    (["run", "lstm", "--variant", "rnn", "--data", "digits"], "argument --data: lstm trains on"),
+    (["run", "deep_mlp", "--variant", "sigmoid", "--data", "adding"], "argument --data: deep_mlp trains on"),
+    (["run", "deep_mlp", "--variant", "sigmoid", "--data", "imagenet"], "argument --data: invalid choice"),
+    (
+        ["run", "deep_mlp", "--variant", "sigmoid", "--data-dir", "{tmp}/none"],
+        "argument --data-dir: no folder",
+    ),
+    (
+        ["run", "deep_mlp", "--variant", "sigmoid", "--data", "mnist", "--data-dir", "{tmp}"],
+        "argument --data: data set 'mnist' is not under",
+    ),
+    (
+        ["run", "deep_mlp", "--variant", "sigmoid", "--log-dir", "{tmp}/file"],
+        "argument --log-dir: not a folder but a file",
+    ),
+    (
+        ["corrupted", "--step", "600", "--max-steps", "600"],
+        "argument --step: must be below --max-steps (600)",
+    ),
+    (["corrupted", "--step", "-1"], "argument --step: expected an integer >= 0"),
+    (["corrupted", "--input-scale", "inf"], "argument --input-scale: expected a finite number"),
+    (["depth-table", "--depths", "1,4"], "argument --depths: every depth must be >= 2"),
+    (["depth-table", "--depths", "4,x"], "argument --depths: expected comma-separated integers"),
+    (["depth-table", "--activations", "relu,nosuch"], "argument --activations: `activation` must be one of"),
+    (["depth-table", "--steps", "0"], "argument --steps: expected an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_bad_arguments_are_usage_errors_before_anything_trains(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    (tmp_path / "file").write_text("")
+    fits: list[object] = []
+    monkeypatch.setattr(pl.Trainer, "fit", lambda self, *a, **k: fits.append(self))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert fits == []
+    assert captured.err.startswith("usage: python -m recipes " + argv[0])
+    assert f"python -m recipes {argv[0]}: error: {message}" in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_compare_refuses_unknown_variants_before_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    fits: list[object] = []
+    monkeypatch.setattr(pl.Trainer, "fit", lambda self, *a, **k: fits.append(self))
+    with pytest.raises(ValueError, match="'nosuch'"):
+        runner.compare("lstm", variants=["rnn", "nosuch"], log_dir="unused")
+    assert fits == []
+
+
+def test_entry_points_filter_only_third_party_noise() -> None:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        filter_third_party_warnings()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn(
+            "The 'train_dataloader' does not have many workers which may be a bottleneck.", stacklevel=1
+        )
+        warnings.warn("GradientMonitor: Gradients are vanishing toward the input", UserWarning, stacklevel=1)
+        warnings.warn("some other deprecation", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == [
+        "GradientMonitor: Gradients are vanishing toward the input",
+        "some other deprecation",
+    ]
+
+
 # -- LightningCLI configs ----------------------------------------------------------------------------------
 
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_cli_config_fits(tmp_path: Path, config: Path) -> None:
+def test_cli_config_fits_with_the_cpu_presets_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: Path
+) -> None:
     module = {"deep": "deep_mlp", "resn": "resnet", "lstm": "lstm"}[config.stem[:4]]
-    cli_main = runpy.run_module(f"recipes.{module}")["cli_main"]
-    cli_main(
-        [
-            "fit",
-            "--config",
-            str(config),
-            "--trainer.max_steps=2",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-        ]
-    )
+    cli_main = importlib.import_module(f"recipes.{module}").cli_main
+    monkeypatch.setattr(sys, "argv", [f"python -m recipes.{module}"])  # the arguments come from `args`
+    threads_in_fit: list[int] = []
+    fit = pl.Trainer.fit
+
+    def counting_fit(self: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        threads_in_fit.append(torch.get_num_threads())
+        fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "fit", counting_fit)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cli_main(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--trainer.max_steps=2",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+            ]
+        )
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert threads_in_fit == [runner.get_recipe(module).presets["cpu"].cpu_threads] == [1]
+    assert after == 2  # restored when the entry point returns
     assert list(tmp_path.rglob("events.out.tfevents.*"))

@@ -1,0 +1,311 @@
+"""Command line of the recipes: ``python -m recipes {list,run,compare,demo,depth-table,corrupted}``
+(``recipes/__main__.py`` runs :func:`main`).
+
+Examples::
+
+    python -m recipes list
+    python -m recipes run deep_mlp --variant sigmoid
+    python -m recipes compare lstm --seed 1
+    python -m recipes demo
+    python -m recipes depth-table --json
+    python -m recipes corrupted --seed 1
+    tensorboard --logdir logs
+
+Every argument is checked before anything trains: a bad one (an unknown variant, preset or data set, a
+negative seed, ...) is a usage error, exit status 2, with the subcommand's usage line and no traceback.
+Runs print one line each; ``--progress`` shows Lightning's progress bar as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from recipes import corrupted, registry, reports, runner, train
+from recipes.base import activation_module
+from recipes.data import DATASETS, torchvision_available
+from recipes.spec import filter_third_party_warnings
+
+SEED_MAX = 2**32 - 1  # numpy's bound, which Lightning's seed_everything also enforces
+CONFIGS = Path(__file__).resolve().parent / "configs"
+TORCHVISION_SETS = ("mnist", "fashion_mnist", "cifar10")  # the data sets that may need a download
+
+# Every subcommand and its one-line help, in the order ``--help`` and ``list`` show them.
+COMMANDS: dict[str, str] = {
+    "list": "recipes, their variants and these commands",
+    "run": "train one variant of a recipe",
+    "compare": "train every variant of a recipe with the same seed and budget; a table and summary files",
+    "demo": "compare for all three recipes on CPU budgets",
+    "depth-table": "depth ratio vs depth, plain vs residual, sigmoid vs ReLU",
+    "corrupted": "one corrupted batch mid-run: clean vs corrupted vs corrupted + StabilityAutopilot",
+}
+
+
+# -- argument types (argparse turns their errors into usage errors) ------------------------------------
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"a seed is an integer in [0, {SEED_MAX}], got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _step(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if any(not n for n in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"a name is repeated in {text!r}")
+    return names
+
+
+def _depths(text: str) -> list[int]:
+    try:
+        depths = [int(d) for d in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(d < 2 for d in depths):
+        raise argparse.ArgumentTypeError(f"every depth must be >= 2, got {text!r}")
+    return depths
+
+
+# -- the parser --------------------------------------------------------------------------------------------
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=_seed, default=0, help="seed of weights, data order and generated data")
+    p.add_argument(
+        "--max-steps", type=_positive, default=None, help="optimizer steps (default: the preset's)"
+    )
+    p.add_argument("--preset", choices=("cpu", "gpu"), default="cpu", help="budget and scale")
+    p.add_argument("--data", choices=DATASETS, default=None, help="data set (default: the preset's)")
+    p.add_argument("--data-dir", default=None, help="folder of the torchvision data sets")
+    p.add_argument("--download", action="store_true", help="download a missing torchvision data set")
+    p.add_argument("--log-dir", default="logs", help="TensorBoard root (default: logs)")
+    p.add_argument("--progress", action="store_true", help="show Lightning's progress bar in each run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m recipes``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m recipes",
+        description="Recipes that show unstable gradients and their remedies, side by side in TensorBoard.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    cmd = {name: sub.add_parser(name, help=text, description=text) for name, text in COMMANDS.items()}
+
+    cmd["run"].add_argument("recipe", choices=registry.RECIPES)
+    cmd["run"].add_argument("--variant", required=True, help="variant name (python -m recipes list)")
+    _add_common(cmd["run"])
+
+    cmd["compare"].add_argument("recipe", choices=registry.RECIPES)
+    cmd["compare"].add_argument(
+        "--variants", type=_names, default=None, help="comma-separated subset of the variants"
+    )
+    _add_common(cmd["compare"])
+
+    cmd["demo"].add_argument("--seed", type=_seed, default=0)
+    cmd["demo"].add_argument("--max-steps", type=_positive, default=None, help="override every budget")
+    cmd["demo"].add_argument("--log-dir", default="logs")
+    cmd["demo"].add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+
+    p_depth = cmd["depth-table"]
+    p_depth.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p_depth.add_argument("--depths", type=_depths, default=[10, 50, 100], help="comma-separated depths")
+    p_depth.add_argument("--steps", type=_positive, default=150, help="training steps K")
+    p_depth.add_argument("--seed", type=_seed, default=0)
+    p_depth.add_argument(
+        "--activations", type=_names, default=["sigmoid", "relu"], help="comma-separated activations"
+    )
+
+    p_bad = cmd["corrupted"]
+    p_bad.add_argument("--seed", type=_seed, default=0)
+    p_bad.add_argument("--step", type=_step, default=corrupted.CORRUPT_STEP, help="step of the bad batch")
+    p_bad.add_argument(
+        "--max-steps", type=_positive, default=corrupted.MAX_STEPS, help="optimizer steps per run"
+    )
+    p_bad.add_argument("--input-scale", type=_finite, default=1e3, help="factor on the bad batch's inputs")
+    p_bad.add_argument("--log-dir", default="logs")
+    p_bad.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.set_defaults(subparsers=cmd)
+    return parser
+
+
+# -- checks that need more than one argument (before anything trains) ---------------------------------------
+
+
+def _check_log_dir(p: argparse.ArgumentParser, log_dir: str) -> None:
+    if Path(log_dir).exists() and not Path(log_dir).is_dir():
+        p.error(f"argument --log-dir: not a folder but a file: {log_dir!r}")
+
+
+def _check_recipe_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    rec = registry.get_recipe(args.recipe)  # a choice of the parser: known
+    wanted = [args.variant] if args.command == "run" else args.variants or []
+    flag = "--variant" if args.command == "run" else "--variants"
+    unknown = [v for v in wanted if v not in rec.variants]
+    if unknown:
+        p.error(
+            f"argument {flag}: unknown variant {', '.join(map(repr, unknown))} of {rec.name} "
+            f"(choose from {', '.join(rec.variants)})"
+        )
+    if args.preset not in rec.presets:
+        p.error(
+            f"argument --preset: {rec.name} has no preset {args.preset!r} "
+            f"(choose from {', '.join(rec.presets)})"
+        )
+    if args.data is not None:
+        try:
+            rec.data_args(args.data)
+        except ValueError as err:
+            p.error(f"argument --data: {err}")
+    if args.data_dir is not None and not args.download and not Path(args.data_dir).is_dir():
+        p.error(f"argument --data-dir: no folder {args.data_dir!r} (pass --download to create it)")
+    data = train.resolve_data(rec, rec.presets[args.preset], args.data, args.data_dir)
+    if data in TORCHVISION_SETS and not args.download:
+        folder = args.data_dir or "data"
+        if not torchvision_available(data, folder):
+            p.error(
+                f"argument --data: data set {data!r} is not under {folder!r}; pass --download or --data-dir"
+            )
+    _check_log_dir(p, args.log_dir)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Usage errors (``SystemExit(2)`` with the subcommand's usage) for arguments that are each valid but
+    do not fit the recipe or each other."""
+    p: argparse.ArgumentParser = args.subparsers[args.command]
+    if args.command in ("run", "compare"):
+        _check_recipe_args(p, args)
+    elif args.command == "demo":
+        _check_log_dir(p, args.log_dir)
+    elif args.command == "depth-table":
+        for name in args.activations:
+            try:
+                activation_module(name)
+            except ValueError as err:
+                p.error(f"argument --activations: {err}")
+    elif args.command == "corrupted":
+        if args.step >= args.max_steps:
+            p.error(f"argument --step: must be below --max-steps ({args.max_steps}), got {args.step}")
+        _check_log_dir(p, args.log_dir)
+
+
+# -- the commands ------------------------------------------------------------------------------------------
+
+
+def _list() -> None:
+    for name in registry.RECIPES:
+        rec = registry.get_recipe(name)
+        print(f"{name} ({rec.module.__name__}, default data: {rec.presets['cpu'].data})")
+        width = max(len(v) for v in rec.variants)
+        for vname, var in rec.variants.items():
+            print(f"  {vname:<{width}}  {var.description}")
+    print("\ncommands (python -m recipes <command> --help):")
+    width = max(len(c) for c in COMMANDS)
+    for name, text in COMMANDS.items():
+        print(f"  {name:<{width}}  {text}")
+    configs = ", ".join(c.name for c in sorted(CONFIGS.glob("*.yaml")))
+    print(f"\nLightningCLI: python -m recipes.<recipe> fit --config recipes/configs/<file>  ({configs})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (a usage error exits with 2 before any training)."""
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    filter_third_party_warnings()
+    if args.command == "list":
+        _list()
+        return 0
+    if args.command == "run":
+        result = train.run_variant(
+            args.recipe,
+            args.variant,
+            seed=args.seed,
+            max_steps=args.max_steps,
+            preset=args.preset,
+            data=args.data,
+            data_dir=args.data_dir,
+            download=args.download,
+            log_dir=args.log_dir,
+            progress=args.progress,
+        )
+        print(train.progress_line(result))
+        print(reports.format_table({args.variant: result}))
+        if result.log_dir:
+            print(f"logs: {result.log_dir}  (tensorboard --logdir {args.log_dir})")
+        return 0
+    if args.command == "compare":
+        runner.compare(
+            args.recipe,
+            seed=args.seed,
+            max_steps=args.max_steps,
+            preset=args.preset,
+            data=args.data,
+            data_dir=args.data_dir,
+            download=args.download,
+            log_dir=args.log_dir,
+            variants=args.variants,
+            progress=args.progress,
+        )
+        return 0
+    if args.command == "demo":
+        runner.demo(seed=args.seed, log_dir=args.log_dir, max_steps=args.max_steps, progress=args.progress)
+        return 0
+    if args.command == "corrupted":
+        results = corrupted.corrupted_demo(
+            seed=args.seed,
+            step=args.step,
+            max_steps=args.max_steps,
+            input_scale=args.input_scale,
+            log_dir=args.log_dir,
+            progress=not args.json,
+            echo=not args.json,
+        )
+        if args.json:
+            print(json.dumps({name: r.summary() for name, r in results.items()}, indent=2))
+        return 0
+    rows = runner.depth_table(
+        depths=args.depths,
+        steps=args.steps,
+        seed=args.seed,
+        activations=args.activations,
+        progress=not args.json,
+    )
+    print(json.dumps(rows, indent=2) if args.json else reports.format_depth_table(rows))
+    return 0

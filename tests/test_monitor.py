@@ -459,15 +459,22 @@ def test_the_same_run_at_cadence_1_and_50_logs_the_same_flags_at_the_same_steps(
     logged: dict[int, dict[int, dict[str, str]]] = {}
     first: dict[int, dict[str, int]] = {}
     warned: dict[int, list[str]] = {}
-    for cadence in (1, 50):
-        torch.manual_seed(0)
-        logger = CSVLogger(tmp_path / str(cadence))
-        monitor = GradientMonitor(log_every_n_steps=cadence, per_layer=False)
-        caught = fit_with_monitor(tmp_path, LRJump(depth=3, width=32), monitor, max_steps=100, logger=logger)
-        logged[cadence] = {int(r["step"]): r for r in read_csv_metrics(logger) if "grad_norm/total" in r}
-        assert monitor.last_diagnosis is not None
-        first[cadence] = monitor.last_diagnosis.first_flagged
-        warned[cadence] = [str(w.message) for w in caught]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is faster, and steady on a shared machine
+    try:
+        for cadence in (1, 50):
+            torch.manual_seed(0)
+            logger = CSVLogger(tmp_path / str(cadence))
+            monitor = GradientMonitor(log_every_n_steps=cadence, per_layer=False)
+            caught = fit_with_monitor(
+                tmp_path, LRJump(depth=3, width=32), monitor, max_steps=100, logger=logger
+            )
+            logged[cadence] = {int(r["step"]): r for r in read_csv_metrics(logger) if "grad_norm/total" in r}
+            assert monitor.last_diagnosis is not None
+            first[cadence] = monitor.last_diagnosis.first_flagged
+            warned[cadence] = [str(w.message) for w in caught]
+    finally:
+        torch.set_num_threads(threads)
     assert sorted(logged[50]) == [49, 99] and len(logged[1]) == 100
     keys = [f"grad_health/{k}" for k in ("vanishing", "exploding", "diverging", "nonfinite")]
     for step, row in logged[50].items():

@@ -35,6 +35,7 @@ from stability_callbacks._trainer import (
     log_every,
     log_scalars,
     optimizer_params,
+    refuse_sharded,
 )
 from stability_callbacks.diagnosis import RULES, Diagnosis, GradientDiagnostician, pick_endpoints
 from stability_callbacks.stats import LayerIndex, combine_norms, layer_norms, tensor_norms, user_name
@@ -332,6 +333,13 @@ class GradientMonitor(StabilityCallback):
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_sharded(
+            trainer,
+            type(self).__name__,
+            "each rank holds a flat shard of the gradients, so the local norms are not the global ones",
+            "Use DDP, or ModelParallelStrategy (FSDP2, TP), whose DTensor gradients it measures exactly.",
+            dtensor_ok=True,
+        )
         check_reads_before_modifiers(trainer, self)
         self._order.reset()
         self._layers.clear()

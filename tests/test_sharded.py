@@ -333,6 +333,7 @@ def test_distributed_checkpoint_resumes_the_callback_state_on_two_ranks_and_on_o
     ],
 )
 def test_callbacks_not_exact_under_sharding_refuse_at_setup(callback: Any, match: str) -> None:
+    """Under ModelParallelStrategy these callbacks are not exact yet: a clear error at setup."""
     cb = callback()
     trainer = SimpleNamespace(
         strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
@@ -341,4 +342,14 @@ def test_callbacks_not_exact_under_sharding_refuse_at_setup(callback: Any, match
         is_global_zero=True,
     )
     with pytest.raises(MisconfigurationException, match=match):
+        cb.setup(trainer, ShardedMLP(), "fit")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("callback", [GradientMonitor, NormClip, ZClip])
+def test_flat_shards_of_fsdp1_are_refused_by_the_norm_callbacks(callback: Any) -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cb = callback()
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[cb], gradient_clip_val=None)
+    with pytest.raises(MisconfigurationException, match=r"FSDPStrategy.*ModelParallelStrategy"):
         cb.setup(trainer, ShardedMLP(), "fit")  # type: ignore[arg-type]

@@ -373,6 +373,14 @@ class LayerIndex:
                 params.append(p)
         return cls(layer_names, param_names, params, layer_of)
 
+    def layer_of_on(self, device: torch.device) -> Tensor:
+        """:attr:`layer_of` as an int64 tensor on ``device``, made once per device and kept, so a caller
+        on every step does not copy it from the host every step."""
+        cache: dict[torch.device, Tensor] = self.__dict__.setdefault("_layer_of_on", {})
+        if device not in cache:
+            cache[device] = torch.tensor(self.layer_of, dtype=torch.long, device=device)
+        return cache[device]
+
     def reorder(self, layer_order: Sequence[str]) -> LayerIndex:
         """The same index with layers sorted by ``layer_order`` (unknown layers go last, in place)."""
         rank = {name: i for i, name in enumerate(layer_order)}
@@ -391,7 +399,7 @@ class LayerIndex:
 def layer_norms(per_param_l2: Tensor, index: LayerIndex) -> Tensor:
     """Combine per-parameter L2 norms into per-layer L2 norms (sqrt of the sum of squares, in the wide
     dtype; scaled by the largest norm where the device has no float64)."""
-    layer_of = torch.tensor(index.layer_of, device=per_param_l2.device)
+    layer_of = index.layer_of_on(per_param_l2.device)
     if wide_dtype(per_param_l2.device) == torch.float64:
         acc, scale = per_param_l2.double(), per_param_l2.new_ones((), dtype=torch.float64)
     else:

@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from stability_callbacks.activation_graph import eager_compiled
+from stability_callbacks.forward_recorder import eager_compiled
 from stability_callbacks.stats import user_name
 
 __all__ = [

@@ -31,12 +31,12 @@ from torch.optim import Optimizer
 
 from stability_callbacks._checks import check_int
 from stability_callbacks._trainer import StabilityCallback, is_logging_step, log_scalars
-from stability_callbacks.activation_graph import (
+from stability_callbacks.activation_kinds import module_activation
+from stability_callbacks.forward_recorder import (
     ActivationEvent,
     ForwardRecorder,
     compiled_modules,
     eager_compiled,
-    module_activation,
 )
 from stability_callbacks.init_schemes import Activation
 from stability_callbacks.stats import user_name

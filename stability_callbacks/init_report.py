@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from stability_callbacks.init_schemes import LSUVResult
+from stability_callbacks.lsuv import LSUVResult
 
 __all__ = ["InitRecord", "InitReport"]
 
@@ -85,7 +85,7 @@ class InitReport:
         """The report once LSUV has measured its layers: their reasons and new stds filled in.
 
         Args:
-            results: ``{layer: LSUVResult}`` (:class:`~stability_callbacks.init_schemes.LSUVPass`).
+            results: ``{layer: LSUVResult}`` (:class:`~stability_callbacks.lsuv.LSUVPass`).
             new_stds: ``{parameter: std}`` of the parameters of those layers after LSUV.
         """
         records = tuple(

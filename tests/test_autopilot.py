@@ -17,7 +17,7 @@ from tb_events import load_events, scalars
 from torch import Tensor, nn
 
 from stability_callbacks import autopilot as autopilot_module
-from stability_callbacks import clipping as clipping_module
+from stability_callbacks import clipping_base as clipping_module
 from stability_callbacks import guard as guard_module
 from stability_callbacks import stats as stats_module
 from stability_callbacks.autopilot import (

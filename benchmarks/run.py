@@ -69,6 +69,12 @@ BENCHMARKS = [
         ("--repeats", "5"),
     ),
     Benchmark(
+        "faults",
+        "Fault injection: the autopilot against no remedy, ZClip, NormClip and SpikeDetection",
+        "fault_injection.py",
+        ("--steps", "300", "--fault-step", "150"),
+    ),
+    Benchmark(
         "scaling",
         "Overhead growth with tensor count and parameter count",
         "scaling.py",

@@ -138,6 +138,7 @@ def _autopilot(**kwargs: Any) -> StabilityAutopilot:
         clipper=None,
         reinit=False,
         guard=False,
+        skip_outliers=False,
         snapshot_every_n_steps=5,
         max_snapshots=2,
         spike_warmup=5,
@@ -487,7 +488,7 @@ def test_one_host_sync_per_step_with_rollback(tmp_path: Path) -> None:
     ap = StabilityAutopilot(
         clipper="zclip", reinit=False, guard=False, verbose=False, snapshot_every_n_steps=2
     )
-    assert _count_syncs(tmp_path, ap, 4) == [["item"]] * 4
+    assert _count_syncs(tmp_path, ap, 4) == [["tolist"]] * 4
 
 
 def test_children_act(tmp_path: Path) -> None:
@@ -553,7 +554,10 @@ def test_actions_are_logged_and_explained(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, callbacks=[ap], logger=logger, max_epochs=1)
     with (
         pytest.warns(UserWarning, match=r"StabilityAutopilot: step 17: cooldown over"),
-        pytest.warns(UserWarning, match=r"StabilityAutopilot: step 13: the training loss spiked at step 12"),
+        pytest.warns(
+            UserWarning,
+            match=r"StabilityAutopilot: step 13: \[rollback\] the training loss spiked at step 12",
+        ),
     ):
         trainer.fit(model, make_loader(n=16 * 20))
     acc = load_events(logger.log_dir)
@@ -647,3 +651,155 @@ def test_ddp_spike_on_one_rank_rolls_back_every_rank(tmp_path: Path) -> None:
     assert result["rollbacks"].tolist() == [1.0, 1.0]
     assert torch.equal(result["weights"][0], result["weights"][1])
     assert torch.equal(result["weights"][0], result["at_10"][0])  # back to the snapshot before step 10
+
+
+# ---------------------------------------------------------------------------------------------------
+# adaptive snapshots and the escalation ladder
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_snapshot_spacing_is_dense_recently_and_sparse_long_ago() -> None:
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ring = SnapshotRing(every_n_steps=1, max_snapshots=100)
+    for step in range(41):
+        ring.take(step, model, [opt])
+
+    def keep(k: int, now: int) -> bool:  # the rule, written out: ages below 2 all kept, then 2**level apart
+        age = now - k
+        return age < 2 or k % 2 ** math.floor(math.log2(age / 2)) == 0
+
+    assert ring.steps == [k for k in range(41) if keep(k, 40)]
+    assert ring.steps == [0, 16, 24, 28, 32, 34, 36, 37, 38, 39, 40]
+    one = ring.snapshots[-1].nbytes
+    assert one == 3 * 4  # weight (2 floats) and bias (1 float), no optimizer state
+    budget = SnapshotRing(every_n_steps=1, max_snapshots=100, budget_bytes=3 * one)
+    for step in range(41):
+        budget.take(step, model, [opt])
+    assert budget.steps == [38, 39, 40] and budget.nbytes == 3 * one and not budget.over_budget
+    uniform = SnapshotRing(every_n_steps=5, max_snapshots=3, spacing="uniform")
+    for step in range(0, 41, 5):
+        uniform.take(step, model, [opt])
+    assert uniform.steps == [30, 35, 40]
+
+
+def test_restore_brings_back_adam_state_that_did_not_exist_yet() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    ring = SnapshotRing(every_n_steps=1, max_snapshots=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    ring.take(0, model, [opt])  # before the first step: Adam has no state
+    for _ in range(3):
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    ring.take(3, model, [opt])
+    saved = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    ring.restore(model, [opt], before_step=4)
+    assert all(torch.equal(opt.state[model.weight][k], v) for k, v in saved.items())
+    ring.restore(model, [opt], before_step=1)
+    assert not opt.state and all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_ladder_known_sequence() -> None:
+    from stability_callbacks.escalation import EscalationLadder
+
+    ladder = EscalationLadder(max_consecutive_skips=4, reset_moments_after=2)
+    rungs = []
+    for step, (skipped, spiked, jumped) in enumerate(
+        [(0, 0, 0), (1, 0, 0), (0, 0, 0), (1, 0, 0), (1, 0, 0), (1, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    ):
+        action = ladder.observe(step, [(0, step)], bool(skipped), bool(spiked), bool(jumped))
+        rungs.append(None if action is None else (action.rung, action.since, len(action.batches)))
+    assert rungs == [
+        None,
+        None,  # one skip: the skip itself was enough
+        None,
+        None,
+        ("moment_reset", 3, 2),  # two in a row
+        None,
+        ("rollback", 3, 4),  # four in a row: back to before step 3
+        ("rollback", 7, 1),  # a spike after an accepted step
+        ("early_warning", 8, 1),
+    ]
+
+
+class AdamTrouble(TroubleMLP):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def test_escalation_skip_then_moment_reset_then_rollback(tmp_path: Path) -> None:
+    """Eight outlier steps in a row (12-19): each is skipped, the 4th resets Adam's moments, the 8th rolls
+    back to the snapshot taken before step 10, exactly."""
+    model = AdamTrouble(spike_steps=tuple(range(12, 20)))
+    ap = _autopilot(skip_outliers=True, skip_warmup=5, max_consecutive_skips=8, reset_moments_after=4)
+    states: dict[int, list[Tensor]] = {}
+
+    class Keep(Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *a: Any) -> None:
+            opt = trainer.optimizers[0]
+            states.setdefault(
+                trainer.global_step,
+                [p.detach().clone() for p in pl_module.parameters()]
+                + [opt.state[p]["exp_avg"].clone() for p in pl_module.parameters() if p in opt.state],
+            )
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *a: Any) -> None:
+            if trainer.global_step == 20:  # right after the rollback of step 19
+                opt = trainer.optimizers[0]
+                now = [p.detach().clone() for p in pl_module.parameters()]
+                now += [opt.state[p]["exp_avg"].clone() for p in pl_module.parameters()]
+                states[-1] = now
+
+    make_trainer(tmp_path, callbacks=[ap, Keep()]).fit(model, make_loader(n=16 * 24))
+    rungs = [e.split("[")[1].split("]")[0] for e in ap.events]
+    assert rungs == ["skip"] * 4 + ["moment reset"] + ["skip"] * 4 + ["rollback"]
+    assert ap.outlier_skips == 8 and ap.moment_resets == 1 and ap.rollbacks == 1
+    assert "rolled back to the snapshot taken before step 10" in ap.events[-1]
+    assert all(torch.equal(a, b) for a, b in zip(states[-1], states[10], strict=True))
+    assert ap.bad_batches == {(0, b) for b in range(12, 20)}
+    assert ap.ring.steps == [10, 20]  # none before step 15: the run was in trouble then
+
+
+class LrBurst(Callback):
+    """Learning rate x50 for the optimizer steps 20-24 (restored after each)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if 20 <= trainer.global_step < 25:
+            trainer.optimizers[0].param_groups[0]["lr"] *= 50
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if 20 <= trainer.global_step - 1 < 25:
+            trainer.optimizers[0].param_groups[0]["lr"] /= 50
+
+
+def test_a_sustained_update_jump_is_an_early_warning(tmp_path: Path) -> None:
+    ap = _autopilot(watch_updates=True, spike_threshold=1e9, cooldown_steps=5)
+    make_trainer(tmp_path, callbacks=[LrBurst(), ap]).fit(AdamTrouble(), make_loader(n=16 * 30))
+    warnings = [e for e in ap.events if "[early warning]" in e]
+    # steps 20, 21 and 22 are high: the jump holds after the third (the monitor's patience)
+    assert warnings and warnings[0].startswith("step 23: [early warning] the update-to-weight ratio")
+    assert "Adam moments reset" in warnings[0] and ap.moment_resets >= 1 and ap.rollbacks == 0
+
+
+def test_snapshot_budget_is_kept_and_its_cost_logged(tmp_path: Path) -> None:
+    free = _autopilot(snapshot_every_n_steps=2, max_snapshots=8)
+    make_trainer(tmp_path, callbacks=[free]).fit(TroubleMLP(), make_loader(n=16 * 20))
+    one = free.ring.snapshots[-1].nbytes  # weights, momentum and the statistics
+    weights = sum(p.numel() * 4 for p in TroubleMLP().parameters())
+    assert one > 2 * weights and len(free.ring) > 3
+    ap = _autopilot(
+        snapshot_every_n_steps=2, max_snapshots=8, snapshot_budget_bytes=3 * one, log_every_n_steps=5
+    )
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    make_trainer(tmp_path, callbacks=[ap], logger=logger).fit(TroubleMLP(), make_loader(n=16 * 20))
+    assert ap.ring.steps == [14, 16, 18] and ap.ring.nbytes == 3 * one
+    assert scalars(load_events(logger.log_dir), "autopilot/snapshot_bytes")[19] == 3 * one
+    small = _autopilot(snapshot_budget_bytes=1, verbose=False)
+    make_trainer(tmp_path, callbacks=[small]).fit(TroubleMLP(), make_loader(n=16 * 3))
+    assert len(small.ring) == 1 and small.ring.over_budget
+    assert "exceeds snapshot_budget_bytes=1" in small.events[0]

@@ -43,13 +43,16 @@ STEPS = 2
 WRITES = {
     "AGC": "clip/",
     "ActivationMonitor": "act/",
+    "AdaGC": "clip/",
     "AutoClip": "clip/",
     "GradientMonitor": "grad_norm/",
     "HistogramLogger": "weights/",
     "InitSwap": "init/report",
+    "MomentReset": "moment/",
     "NonFiniteGuard": "guard/",
     "NormClip": "clip/",
     "StabilityAutopilot": "autopilot/",
+    "UpdateMonitor": "update/",
     "ValueClip": "clip/",
     "ZClip": "clip/",
 }

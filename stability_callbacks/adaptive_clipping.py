@@ -161,7 +161,10 @@ class ZClip(ClippingCallback):
 class AGC(ClippingCallback):
     """Unit-wise adaptive gradient clipping (Brock et al. 2021), fused across parameters.
 
-    Not under sharded strategies yet: setup raises a clear error there.
+    Under ``ModelParallelStrategy`` (FSDP2, tensor parallel) the unit norms are those of the full
+    tensors, whether a shard holds whole units or parts of every unit, and the logged numbers are
+    global (:mod:`~stability_callbacks.agc`); every rank clips its shard with the same factors.
+    FSDP1 and DeepSpeed, whose gradients are flat shards, are refused at setup.
 
     With ``exclude=[]`` the gradients equal those of ``timm.utils.agc.adaptive_clip_grad``. Sparse
     gradients are left alone.
@@ -180,8 +183,6 @@ class AGC(ClippingCallback):
         coef="``norm_post / norm_pre``",
         clipped="fraction of the units (rows, output channels) that were clipped",
     )
-
-    supports_dtensor = False
 
     def __init__(
         self,
@@ -264,7 +265,7 @@ class AGC(ClippingCallback):
         scale = torch.where(mask, scale, torch.ones_like(scale))
         buffer.copy_(scale)
         plan.mul_(dgrads, views)  # type: ignore[arg-type]
-        return agc_decision(g_norm, scale, clip, self.clip_factor)
+        return agc_decision(g_norm, scale, clip, self.clip_factor, plan)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"excluded_names": list(self.excluded_names or [])} if self.excluded_names is not None else {}

@@ -11,6 +11,8 @@ live, packed into one small ``(n, 7 + bins)`` tensor, and copied to the host onc
 
 The binning is one piece of tensor code that runs the same way on every device, the CPU included: it
 never reads a value on the host before the final copy, so it does not stall an accelerator's queue.
+DTensors (the parameters and gradients of FSDP2 and tensor parallelism) are counted whole: each rank
+bins its shard with the range of the full tensor, two all-reduces for all tensors of a call.
 
 Conventions (those of ``SummaryWriter.add_histogram_raw`` and TensorBoard's ``HistogramProto``):
 
@@ -33,10 +35,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from stability_callbacks._checks import check_int
-from stability_callbacks.stats import wide_dtype
+from stability_callbacks.stats import local_tensor, reduce_over_shards, shard_groups, wide_dtype
 
 __all__ = [
     "STAT_COLUMNS",
@@ -104,10 +107,15 @@ def histogram_stats(
 ) -> Tensor:
     """Histogram statistics of each tensor, computed on its device without a host sync.
 
-    The work per tensor is a handful of elementwise passes and reductions over chunks of a fixed size
-    in a few scratch buffers (no temporary per tensor), and one bucket count per chunk
-    (``torch.histc`` on accelerators, which does not sync; ``torch.bincount`` on CPU, where it is
-    faster). The same code runs on every device; nothing is read on the host.
+    Two passes over each tensor, in chunks of a fixed size through a few scratch buffers (no
+    temporary per tensor): the finite range, then the sums and the bucket counts (``torch.bincount``
+    of integer bucket indices on CPU; ``torch.histc`` with fixed bounds on accelerators, where
+    ``bincount`` would sync). The same code runs on every device; nothing is read on the host.
+
+    DTensors (FSDP2, tensor parallelism) are counted whole: each rank bins its local shard with the
+    range of the full tensor, which takes one all-reduce (max) of the ranges and one (sum) of the rows
+    for all tensors sharded over the same process group. Every rank must then call this with the same
+    tensors, on the same steps.
 
     Args:
         tensors: the tensors; ``None`` and empty tensors give a row of zeros.
@@ -120,7 +128,8 @@ def histogram_stats(
         then the ``bins`` bucket counts. Decode it with :func:`to_histograms`.
     """
     check_int("bins", bins)
-    values = [None if t is None else stored_values(t) for t in tensors]
+    shards = shard_groups(tensors)
+    values = [None if t is None else stored_values(local_tensor(t)) for t in tensors]
     out_device = device
     if out_device is None:
         out_device = next((v.device for v in values if v is not None), torch.device("cpu"))
@@ -130,24 +139,35 @@ def histogram_stats(
             if v.is_complex():
                 raise TypeError(f"cannot histogram a complex tensor (position {i}, dtype {v.dtype})")
             groups[v.device].append(i)
-    if len(groups) == 1:
-        ((dev, idx),) = groups.items()
-        if len(idx) == len(values) and dev == out_device:
-            return _device_rows([values[i] for i in idx], bins, dev)  # type: ignore[misc]
-    out = torch.zeros(len(values), STAT_COLUMNS + bins, dtype=wide_dtype(out_device), device=out_device)
+    n = len(values)
+    acc = wide_dtype(out_device)
+    lo = torch.full((n,), float("inf"), device=out_device)
+    hi = torch.full((n,), -float("inf"), device=out_device)
+    body = torch.zeros(n, 3 + bins, dtype=acc, device=out_device)
+    jobs: list[tuple[_Scratch, Tensor, list[Tensor]]] = []
     for dev, idx in groups.items():
-        rows = _device_rows([values[i] for i in idx], bins, dev)  # type: ignore[misc]
-        out[torch.tensor(idx, device=out_device)] = rows.to(out_device, out.dtype)
-    return out
+        vals = [v for i in idx if (v := values[i]) is not None]
+        jobs.append((_Scratch(vals, dev), torch.tensor(idx, device=out_device), vals))
+    for scratch, at, vals in jobs:
+        part_lo, part_hi = _finite_ranges(vals, scratch)
+        lo[at], hi[at] = part_lo.to(out_device), part_hi.to(out_device)
+        if not shards:
+            body[at] = _binned_rows(vals, part_lo, part_hi, bins, scratch).to(out_device, acc)
+    if shards:
+        # The range of each whole tensor (one all-reduce per process group: max of -min and of max),
+        # then its sums and counts (one all-reduce: sum), binned with that range on every rank.
+        ranges = reduce_over_shards(torch.stack([-lo, hi], dim=1), shards, dist.ReduceOp.MAX)
+        lo, hi = -ranges[:, 0], ranges[:, 1]
+        for scratch, at, vals in jobs:
+            dev = scratch.device
+            rows = _binned_rows(vals, lo[at].to(dev), hi[at].to(dev), bins, scratch)
+            body[at] = rows.to(out_device, acc)
+        body = reduce_over_shards(body, shards, dist.ReduceOp.SUM)
+    return _assemble(lo, hi, body, bins)
 
 
-def _device_rows(values: list[Tensor], bins: int, device: torch.device) -> Tensor:
-    """Rows of :func:`histogram_stats` for non-empty tensors that all live on ``device``.
-
-    Tensors are processed in chunks of a fixed size (cache-sized on CPU), so the scratch buffers stay
-    small and every pass over a chunk after the first one reads from cache.
-    """
-    acc = wide_dtype(device)
+def _pieces(values: list[Tensor], device: torch.device) -> tuple[list[Tensor], list[int]]:
+    """The flattened tensors split into chunks of at most the device's chunk size, and each one's owner."""
     chunk = _CHUNK_CPU if device.type == "cpu" else _CHUNK_ACCELERATOR
     pieces: list[Tensor] = []
     owner: list[int] = []
@@ -155,82 +175,140 @@ def _device_rows(values: list[Tensor], bins: int, device: torch.device) -> Tenso
         for piece in v.reshape(-1).split(chunk):
             pieces.append(piece)
             owner.append(i)
-    size = max(p.numel() for p in pieces)
-    work = torch.empty(size, dtype=torch.float32, device=device)
-    needs_cast = any(p.dtype != torch.float32 for p in pieces)
-    cast = torch.empty(size, dtype=torch.float32, device=device) if needs_cast else None
-    ints = torch.empty(size, dtype=torch.int32, device=device) if device.type == "cpu" else None
+    return pieces, owner
 
-    def as_float32(x: Tensor) -> Tensor:
+
+class _Scratch:
+    """Chunk-sized scratch buffers of one device, allocated once a call and reused for every piece (fresh
+    memory costs a page fault a page): a float32 work buffer, a float32 cast buffer for other dtypes, an
+    int32 buffer for the bucket indices on CPU."""
+
+    def __init__(self, values: list[Tensor], device: torch.device) -> None:
+        chunk = _CHUNK_CPU if device.type == "cpu" else _CHUNK_ACCELERATOR
+        size = min(chunk, max(v.numel() for v in values))
+        self.device = device
+        self.work = torch.empty(size, dtype=torch.float32, device=device)
+        cast = any(v.dtype != torch.float32 for v in values)
+        self.cast = torch.empty(size, dtype=torch.float32, device=device) if cast else None
+        cpu = device.type == "cpu"
+        self.ints = torch.empty(size, dtype=torch.int32, device=device) if cpu else None
+
+    def float32(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32:
             return x
-        return cast[: x.numel()].copy_(x)  # type: ignore[index]
+        return self.cast[: x.numel()].copy_(x)  # type: ignore[index]
 
-    # Pass 1: finite min and max (non-finite values replaced by a value that cannot win).
+
+def _finite_ranges(values: list[Tensor], scratch: _Scratch) -> tuple[Tensor, Tensor]:
+    """Smallest and largest finite value of each (non-empty) tensor, float32; a tensor without finite
+    values gets ``(FMAX, -FMAX)``, an empty range."""
+    device = scratch.device
+    pieces, owner = _pieces(values, device)
     los: list[Tensor] = []
     his: list[Tensor] = []
-    for piece in pieces:
-        x = as_float32(piece)
-        w = work[: x.numel()]
+    for piece in pieces:  # non-finite values replaced by a value that cannot win
+        x = scratch.float32(piece)
+        w = scratch.work[: x.numel()]
         los.append(torch.nan_to_num(x, _FMAX, _FMAX, _FMAX, out=w).amin())
         his.append(torch.nan_to_num(x, -_FMAX, -_FMAX, -_FMAX, out=w).amax())
     n = len(values)
+    if len(pieces) == n:  # one piece a tensor
+        return torch.stack(los), torch.stack(his)
     owner_t = torch.tensor(owner, dtype=torch.long, device=device)
     inf = float("inf")
     lo = torch.full((n,), inf, device=device).scatter_reduce_(0, owner_t, torch.stack(los), "amin")
     hi = torch.full((n,), -inf, device=device).scatter_reduce_(0, owner_t, torch.stack(his), "amax")
+    return lo, hi
 
-    # Bucket mapping y = (x * a - lo * a) * c, so that finite x in [lo, hi] lands in [0, bins]. The
-    # difference x - lo is exact for nearby values (a narrow range far from zero keeps its resolution);
-    # a = 1/2 only where hi - lo would overflow float32. Constant tensors (and those without finite
-    # values) get c = 1, land in bucket 0 and are moved to the middle bucket, with edges value -/+ 0.5.
-    lo_acc, hi_acc = lo.to(acc), hi.to(acc)
-    width = hi_acc - lo_acc
-    scale = (bins / width).float()
-    flat_range = ~(width > 0) | ~torch.isfinite(scale)
-    half = width > _FMAX
-    a = torch.where(half, torch.full_like(lo, 0.5), torch.ones_like(lo))
-    b = lo * a  # constant tensors: x - lo == 0 exactly for finite x
-    c_scale = torch.where(flat_range, torch.ones_like(scale), scale / a)
-    mid = torch.where(lo_acc <= hi_acc, (lo_acc + hi_acc) / 2, torch.zeros_like(lo_acc))
-    edge_lo = torch.where(flat_range, mid - 0.5, lo_acc)
-    edge_hi = torch.where(flat_range, mid + 0.5, hi_acc)
-    # Sums are taken over x * 2**-e with 2**e >= max |x| (exact scaling, |x * 2**-e| <= 1), so that
-    # neither the sum nor the sum of squares can overflow float32.
-    m = torch.maximum(lo.abs(), hi.abs())
-    m = torch.where((m > 0) & (lo <= hi), m, torch.ones_like(m))
-    _, exponent = torch.frexp(m)
-    pow2 = torch.ldexp(torch.ones_like(m, dtype=acc), exponent)
-    inv_pow2 = torch.ldexp(torch.ones_like(m), -exponent)
-    a_p, b_p, c_p, inv_p = a[owner_t], b[owner_t], c_scale[owner_t], inv_pow2[owner_t]
 
-    # Pass 2: sums and bucket counts. Bucket ``bins`` collects x == max (folded below),
-    # bucket ``bins + 1`` the non-finite values.
+@dataclass(frozen=True)
+class _BucketMap:
+    """Per-tensor bucket mapping ``y = (x * a - b) * c``: finite ``x`` in ``[lo, hi]`` lands in
+    ``[0, bins]``. The difference ``x * a - b`` is exact for nearby values (a narrow range far from zero
+    keeps its resolution); ``a = 1/2`` only where ``hi - lo`` would overflow float32. Constant tensors
+    (and those without finite values) are ``flat``: ``c = 1``, they land in bucket 0 and are moved to the
+    middle bucket, with edges ``value -/+ 0.5``. ``inv_pow2`` is ``2**-e`` with ``2**e >= max |x|``: sums
+    are taken over ``x * inv_pow2`` (exact scaling), so neither they nor the squares overflow float32."""
+
+    a: Tensor
+    neg_b: Tensor
+    c: Tensor
+    flat: Tensor
+    pow2: Tensor
+    inv_pow2: Tensor
+
+    @classmethod
+    def build(cls, lo: Tensor, hi: Tensor, bins: int) -> _BucketMap:
+        acc = wide_dtype(lo.device)
+        lo, hi = lo.float(), hi.float()
+        width = hi.to(acc) - lo.to(acc)
+        scale = (bins / width).float()
+        flat = ~(width > 0) | ~torch.isfinite(scale)
+        half = width > _FMAX
+        a = torch.where(half, torch.full_like(lo, 0.5), torch.ones_like(lo))
+        lo_or_zero = torch.where(lo <= hi, lo, torch.zeros_like(lo))  # no inf * 0 for empty ranges
+        c = torch.where(flat, torch.ones_like(scale), scale / a)
+        m = torch.maximum(lo_or_zero.abs(), torch.where(lo <= hi, hi, torch.zeros_like(hi)).abs())
+        m = torch.where(m > 0, m, torch.ones_like(m))
+        _, exponent = torch.frexp(m)
+        pow2 = torch.ldexp(torch.ones_like(m, dtype=acc), exponent)
+        inv_pow2 = torch.ldexp(torch.ones_like(m), -exponent)
+        return cls(a, -(lo_or_zero * a), c, flat, pow2, inv_pow2)
+
+
+def _binned_rows(values: list[Tensor], lo: Tensor, hi: Tensor, bins: int, scratch: _Scratch) -> Tensor:
+    """Sum, sum of squares, non-finite count and the ``bins`` bucket counts of each (non-empty) tensor,
+    binned over ``[lo, hi]``: a ``(len(values), 3 + bins)`` tensor in the wide dtype."""
+    device = lo.device
+    acc = wide_dtype(device)
+    pieces, owner = _pieces(values, device)
+    bmap = _BucketMap.build(lo, hi, bins)
+    owner_t = torch.tensor(owner, dtype=torch.long, device=device)
+    # One 0-d view per piece and parameter, taken with one op each.
+    a_p, nb_p, c_p, inv_p = (t[owner_t].unbind() for t in (bmap.a, bmap.neg_b, bmap.c, bmap.inv_pow2))
+    # Bucket ``bins`` collects x == max (folded below), bucket ``bins + 1`` the non-finite values.
     trash = float(bins + 1)
     sums: list[Tensor] = []
     squares: list[Tensor] = []
     counts: list[Tensor] = []
     for j, piece in enumerate(pieces):
-        x = as_float32(piece)
-        w = work[: x.numel()]
-        torch.nan_to_num(x, 0.0, 0.0, 0.0, out=w).mul_(inv_p[j])
+        x = scratch.float32(piece)
+        w = scratch.work[: x.numel()]
+        torch.mul(x, inv_p[j], out=w).nan_to_num_(0.0, 0.0, 0.0)
         sums.append(w.sum())
         squares.append(torch.dot(w, w))
-        torch.mul(x, a_p[j], out=w).sub_(b_p[j]).mul_(c_p[j])
-        w.nan_to_num_(trash, trash, trash)
-        counts.append(_bucket_counts(w, bins, ints))
+        torch.mul(x, a_p[j], out=w).add_(nb_p[j]).mul_(c_p[j]).nan_to_num_(trash, trash, trash)
+        counts.append(_bucket_counts(w, bins, scratch.ints))
+    n = len(values)
     zeros = torch.zeros(n, dtype=acc, device=device)
-    total = zeros.index_add(0, owner_t, torch.stack(sums).to(acc)) * pow2
-    sum_sq = zeros.index_add(0, owner_t, torch.stack(squares).to(acc)) * pow2.square()
+    total = zeros.index_add(0, owner_t, torch.stack(sums).to(acc)) * bmap.pow2
+    sum_sq = zeros.index_add(0, owner_t, torch.stack(squares).to(acc)) * bmap.pow2.square()
     c = torch.zeros(n, bins + 2, dtype=acc, device=device).index_add_(0, owner_t, torch.stack(counts).to(acc))
     c[:, bins - 1] += c[:, bins]
-    middle = torch.where(flat_range, c[:, 0], c[:, bins // 2])
-    c[:, 0] = torch.where(flat_range, torch.zeros_like(middle), c[:, 0])
+    flat = bmap.flat
+    middle = torch.where(flat, c[:, 0], c[:, bins // 2])
+    c[:, 0] = torch.where(flat, torch.zeros_like(middle), c[:, 0])
     c[:, bins // 2] = middle
-    head = torch.stack([lo_acc, hi_acc, total, sum_sq, c[:, bins + 1], edge_lo, edge_hi], dim=1)
+    return torch.cat([total[:, None], sum_sq[:, None], c[:, bins + 1 :], c[:, :bins]], dim=1)
+
+
+def _assemble(lo: Tensor, hi: Tensor, body: Tensor, bins: int) -> Tensor:
+    """The rows of :func:`histogram_stats` from the ranges and the rows of :func:`_binned_rows`."""
+    acc = body.dtype
+    finite = lo <= hi
+    lo_acc = torch.where(finite, lo.to(acc), torch.zeros_like(body[:, 0]))
+    hi_acc = torch.where(finite, hi.to(acc), torch.zeros_like(body[:, 0]))
+    flat = _BucketMap.build(lo, hi, bins).flat
+    mid = (lo_acc + hi_acc) / 2
+    edge_lo = torch.where(flat, mid - 0.5, lo_acc)
+    edge_hi = torch.where(flat, mid + 0.5, hi_acc)
     # Rows without any finite value: min/max/sums are meaningless, report zeros.
-    head[:, :_NONFINITE] *= (lo_acc <= hi_acc).to(acc).unsqueeze(1)
-    return torch.cat([head, c[:, :bins]], dim=1)
+    total = torch.where(finite, body[:, 0], torch.zeros_like(body[:, 0]))
+    sum_sq = torch.where(finite, body[:, 1], torch.zeros_like(body[:, 1]))
+    head = torch.stack([lo_acc, hi_acc, total, sum_sq, body[:, 2], edge_lo, edge_hi], dim=1)
+    rows = torch.cat([head, body[:, 3:]], dim=1)
+    present = finite | (body[:, 2] > 0)  # None and empty tensors: a row of zeros
+    return torch.where(present[:, None], rows, torch.zeros_like(rows))
 
 
 def _bucket_counts(y: Tensor, bins: int, ints: Tensor | None) -> Tensor:

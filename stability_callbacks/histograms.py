@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -44,6 +45,11 @@ from stability_callbacks.histogram_math import (
 )
 from stability_callbacks.stats import LayerIndex, user_name
 from stability_callbacks.tb_crc import install_fast_crc
+
+try:  # DTensor: the parameters and gradients of FSDP2 (fully_shard) and tensor parallelism
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a build of torch without torch.distributed
+    DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "Histogram",
@@ -93,9 +99,14 @@ class HistogramLogger(StabilityCallback):
     the leaf modules, captured by forward hooks registered only for the first micro-batch of a
     logging step and removed right after it.
 
-    Only global rank zero computes and writes. Without a TensorBoardLogger the callback warns once
-    and does nothing. Sharded strategies (FSDP, DeepSpeed, ``ModelParallelStrategy``) are refused at
-    setup: rank zero holds only its shard of each parameter.
+    Global rank zero writes. Under data parallelism (DDP) it alone computes: every rank holds the
+    same weights and averaged gradients. Under ``ModelParallelStrategy`` (FSDP2 ``fully_shard``, tensor
+    parallelism), whose parameters and gradients are DTensors, every rank bins its local shards and the
+    ranges and counts are reduced across the mesh (two collectives a logging step for all tensors), so
+    the histograms count the full tensors, as the same model trained unsharded would give. Activations
+    are those of rank zero's own micro-batch under every strategy (the local part of a DTensor output).
+    ``FSDPStrategy`` (FSDP1) and DeepSpeed, whose gradients are plain tensors holding a flat shard, are
+    refused at setup. Without a TensorBoardLogger the callback warns once and does nothing.
 
     Order of callbacks: Lightning calls ``on_before_optimizer_step`` in the order of
     ``Trainer(callbacks=[...])``, so to histogram the gradients before any callback clips, rescales
@@ -172,6 +183,7 @@ class HistogramLogger(StabilityCallback):
         self._exclude = _compile_patterns("exclude", exclude)
         self._param_names: dict[int, str] = {}
         self._index: LayerIndex | None = None
+        self._sharded = False
         self._act_modules: list[tuple[str, nn.Module]] = []
         self._handles: list[RemovableHandle] = []
         self._act_rows: dict[str, Tensor] = {}
@@ -211,13 +223,13 @@ class HistogramLogger(StabilityCallback):
         refuse_sharded(
             trainer,
             "HistogramLogger",
-            "rank zero holds only its shard of each parameter, so its histograms would not be the model's",
-            "Use a data-parallel strategy (e.g. strategy='ddp') to record histograms.",
+            "each rank holds a flat shard of the parameters, which is not the shape of any of them",
+            "Use DDP, or ModelParallelStrategy (FSDP2, TP), whose DTensor shards it counts whole.",
+            dtensor_ok=True,
         )
         check_reads_before_modifiers(trainer, self)
         install_fast_crc()  # C CRC-32C for TensorBoard's record writer, when installed
-        self._param_names = {id(p): user_name(name) for name, p in pl_module.named_parameters()}
-        self._index = LayerIndex.build(pl_module)
+        self._learn_parameters(pl_module)
         leaves = [
             (user_name(name), mod)
             for name, mod in pl_module.named_modules()
@@ -225,6 +237,15 @@ class HistogramLogger(StabilityCallback):
         ]
         self._act_modules = [leaves[i] for i in _evenly(len(leaves), self.max_tensors)]
         self._order.reset()  # a new fit learns the forward order again
+
+    def _learn_parameters(self, pl_module: pl.LightningModule) -> None:
+        self._param_names = {id(p): user_name(name) for name, p in pl_module.named_parameters()}
+        self._index = LayerIndex.build(pl_module)
+        self._sharded = DTensor is not None and any(isinstance(p, DTensor) for p in pl_module.parameters())
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The strategy has wrapped the model by now: FSDP2 and tensor parallelism replace the parameters.
+        self._learn_parameters(pl_module)
 
     # -- hooks around the forward pass -------------------------------------------------------------
 
@@ -254,6 +275,8 @@ class HistogramLogger(StabilityCallback):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if name in rows or not isinstance(output, Tensor) or output.numel() == 0 or output.is_complex():
                 return
+            if DTensor is not None and isinstance(output, DTensor):
+                output = output.to_local()  # rank zero alone runs the hook: no collective here
             rows[name] = histogram_stats([output], bins)
 
         return hook
@@ -299,7 +322,7 @@ class HistogramLogger(StabilityCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         self._remove_hooks()
-        if not trainer.is_global_zero:
+        if not (trainer.is_global_zero or self._sharded):
             return
         step = trainer.global_step
         hist = is_logging_step(trainer, self.every_n_steps)
@@ -308,8 +331,11 @@ class HistogramLogger(StabilityCallback):
         self._act_rows = {}
         if not (hist or fig):
             return
+        # Sharded: every rank takes part in the reductions of the same steps; rank zero writes.
         writer = self._writer(trainer)
-        if writer is None:
+        if writer is None and not (
+            self._sharded and any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers)
+        ):
             return
 
         tags: list[str] = []
@@ -340,7 +366,7 @@ class HistogramLogger(StabilityCallback):
         flow_at = len(blocks)
         if fig and self._index is not None and self._index.params:
             blocks.append(grad_flow_stats([p.grad for p in self._index.params], self._index))
-        if not blocks:
+        if not blocks or writer is None:
             return
 
         host = fetch_to_host(blocks)  # the one device-to-host transfer of this step

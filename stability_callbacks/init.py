@@ -25,7 +25,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -92,6 +94,17 @@ def _concat(parts: list[Any]) -> Any:
     return first
 
 
+def _data_parallel_group(trainer: pl.Trainer) -> dist.ProcessGroup | None:
+    """The process group over which ``ModelParallelStrategy`` splits each batch, so that LSUV measures the
+    global batch; ``None`` elsewhere (under DDP rank zero's measurement is broadcast)."""
+    strategy = getattr(trainer, "strategy", None)
+    mesh = getattr(strategy, "device_mesh", None) if isinstance(strategy, ModelParallelStrategy) else None
+    if mesh is None or "data_parallel" not in (mesh.mesh_dim_names or ()):
+        return None
+    data_parallel = mesh["data_parallel"]
+    return data_parallel.get_group() if data_parallel.size() > 1 else None
+
+
 def _first_loader(loaders: Any) -> Any:
     if isinstance(loaders, Mapping):
         return next(iter(loaders.values()), None)
@@ -136,10 +149,15 @@ class InitSwap(StabilityCallback):
 
     Where it cannot tell (no layer ran in the watched step, a hook failed) it says so once, names what
     it skipped, and carries on. Under DDP every rank initialises and rank zero's parameters and buffers
-    are then broadcast, so all ranks hold identical weights. The report (per parameter: old std, scheme
-    and why, new std) is printed on rank zero and written to TensorBoard as text under ``init/report``.
-    Sharded strategies (FSDP, DeepSpeed, model parallel) are refused at setup with
-    :class:`~stability_callbacks._trainer.UnsupportedStrategyError`.
+    are then broadcast, so all ranks hold identical weights. Under ``ModelParallelStrategy`` (FSDP2,
+    tensor parallel) the sharded parameters are initialised as the full model would be: each rank draws
+    the full tensor of one parameter at a time and keeps its shard of rank zero's draw (orthogonal
+    matrices included; the extra memory is one full parameter), the report's statistics are those of
+    the full tensors, and LSUV sums its output statistics over the data-parallel group, so every rank
+    applies the same scales and writes the same report. FSDP1 and DeepSpeed, whose parameters are flat
+    shards, are refused at setup with :class:`~stability_callbacks._trainer.UnsupportedStrategyError`.
+    The report (per parameter: old std, scheme and why, new std) is printed on rank zero and written to
+    TensorBoard as text under ``init/report``.
 
     Args:
         scheme: one of :data:`SCHEMES` (see :func:`init_swap`).
@@ -254,8 +272,11 @@ class InitSwap(StabilityCallback):
         refuse_sharded(
             trainer,
             "InitSwap",
-            why="it cannot re-initialise sharded parameters",
-            instead="Initialise the model before wrapping it, e.g. with init_swap(model).",
+            why="it cannot re-initialise flat parameter shards",
+            instead="Use ModelParallelStrategy (FSDP2, tensor parallel), whose DTensor parameters it "
+            "initialises as the full model, or initialise the model before wrapping it, e.g. with "
+            "init_swap(model).",
+            dtensor_ok=True,
         )
         check_overrides_match(pl_module, self.overrides)
         self._order.reset()
@@ -331,6 +352,7 @@ class InitSwap(StabilityCallback):
             lsuv_tol=self.lsuv_tol,
             lsuv_max_iters=self.lsuv_max_iters,
             lsuv_center=self.lsuv_center,
+            lsuv_group=_data_parallel_group(trainer),
         )
         broadcast_module_(pl_module)
         self.applied = True
@@ -338,7 +360,14 @@ class InitSwap(StabilityCallback):
         if report.modified:
             log_scalars(trainer, {"init/reinit": 1.0})
         if report.lsuv_pending:
-            self._lsuv = lsuv_pass(pl_module, report, self.lsuv_tol, self.lsuv_max_iters, self.lsuv_center)
+            self._lsuv = lsuv_pass(
+                pl_module,
+                report,
+                self.lsuv_tol,
+                self.lsuv_max_iters,
+                self.lsuv_center,
+                group=_data_parallel_group(trainer),
+            )
             self._lsuv_report, self._lsuv_why, self._lsuv_ran = report, why, False
         else:
             self._publish(trainer, report, why)

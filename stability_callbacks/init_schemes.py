@@ -14,6 +14,12 @@ so that ``init_swap(model, "auto")`` can tell a layer nobody initialised from on
 initialised on purpose (GPT-2's N(0, 0.02) with its residual projections scaled by 1/sqrt(2 n_layer),
 timm's truncated normal, torchvision's He fan-out), and keep the latter.
 
+Sharded parameters (the DTensors of FSDP2 ``fully_shard`` and tensor parallelism) get the values of
+the full tensor: fans come from the global shape, the full tensor is drawn on every rank (one
+parameter at a time: its full size in float32 of extra memory, for the moment of its draw) and
+:func:`write_full_` keeps this rank's shard of rank zero's draw, so the result is the tensor the
+unsharded model gets at the same seed, orthogonal matrices included.
+
 Beside it: :mod:`stability_callbacks.layer_init` initialises one parameter for its layer type
 (normalisation, recurrent and attention layers, embeddings), :mod:`stability_callbacks.lsuv` holds
 LSUV, :mod:`stability_callbacks.activation_graph` finds which activation follows each layer, and
@@ -32,6 +38,12 @@ import torch
 from torch import Tensor, nn
 
 from stability_callbacks._checks import check_choice
+from stability_callbacks.stats import local_tensor
+
+try:  # DTensor: the parameters of FSDP2 (fully_shard) and tensor parallelism
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a build of torch without torch.distributed
+    DTensor = distribute_tensor = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "EMBEDDING_TYPES",
@@ -52,6 +64,7 @@ __all__ = [
     "matches_default",
     "own_init_method",
     "plan_scheme",
+    "write_full_",
 ]
 
 SCHEMES = (
@@ -292,6 +305,29 @@ def eval_no_grad(model: nn.Module) -> Iterator[None]:
 # -- tensors ----------------------------------------------------------------------------------------
 
 
+def write_full_(tensor: Tensor, values: Tensor) -> Tensor:
+    """Copy ``values``, shaped as the full ``tensor``, into it in place (no grad; the object is kept).
+
+    For a DTensor (FSDP2, tensor parallelism) this rank keeps its shard of global rank zero's
+    ``values`` (``distribute_tensor`` scatters them, one collective), so every rank holds a shard of
+    the same full tensor even where the ranks' random generators differ.
+
+    Args:
+        tensor: the destination, a plain tensor or a DTensor (``tensor.shape`` is the full shape).
+        values: the full values.
+
+    Returns:
+        ``tensor``.
+    """
+    with torch.no_grad():
+        if DTensor is not None and isinstance(tensor, DTensor):
+            shard = distribute_tensor(values.to(tensor.dtype), tensor.device_mesh, tensor.placements)
+            local_tensor(tensor).copy_(shard.to_local())
+        else:
+            tensor.copy_(values)
+    return tensor
+
+
 def init_tensor_(
     tensor: Tensor, scheme: str, gain: float = 1.0, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -304,7 +340,8 @@ def init_tensor_(
     float32 (float64 for float64 tensors) and copied, so half-precision weights work too.
 
     Args:
-        tensor: a tensor with at least 2 dimensions.
+        tensor: a tensor with at least 2 dimensions (a DTensor gets its shard of the full draw:
+            :func:`write_full_`).
         scheme: one of :data:`TENSOR_SCHEMES`.
         gain: the activation gain (see :func:`activation_gain`); ignored by normal and uniform.
         generator: random generator (the global one if ``None``).
@@ -337,8 +374,7 @@ def init_tensor_(
             values.uniform_(-bound, bound, generator=generator)
         else:
             nn.init.orthogonal_(values, gain, generator=generator)
-        tensor.copy_(values)
-    return tensor
+    return write_full_(tensor, values)
 
 
 def init_blocks_(
@@ -358,6 +394,4 @@ def init_blocks_(
     values = torch.empty(tensor.shape, dtype=dtype, device=tensor.device)
     for chunk in values.chunk(blocks, dim=0):
         init_tensor_(chunk, scheme, gain, generator)
-    with torch.no_grad():
-        tensor.copy_(values)
-    return tensor
+    return write_full_(tensor, values)

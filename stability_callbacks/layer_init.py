@@ -22,6 +22,7 @@ from stability_callbacks.init_schemes import (
     init_blocks_,
     init_tensor_,
     plan_scheme,
+    write_full_,
 )
 
 __all__ = ["init_parameter_", "init_recurrent_"]
@@ -57,12 +58,14 @@ def init_recurrent_(
     blocks = _GATES.get(module.mode, 1)
     mode = module.mode
     if name.startswith("bias"):
-        with torch.no_grad():
-            param.zero_()
-            if mode == "LSTM" and name.startswith("bias_ih"):
-                hidden = param.shape[0] // 4
-                param[hidden : 2 * hidden] = forget_bias
-                return "zeros", f"LSTM bias 0, forget gate {forget_bias:g} (the hidden bias holds 0)"
+        values = torch.zeros(param.shape, dtype=param.dtype, device=param.device)
+        lstm_input = mode == "LSTM" and name.startswith("bias_ih")
+        if lstm_input:
+            hidden = param.shape[0] // 4
+            values[hidden : 2 * hidden] = forget_bias
+        write_full_(param, values)  # a sharded bias keeps its shard of the full values
+        if lstm_input:
+            return "zeros", f"LSTM bias 0, forget gate {forget_bias:g} (the hidden bias holds 0)"
         return "zeros", "recurrent bias"
     explicit = requested not in ("auto", "lsuv")
     if name.startswith("weight_ih"):

@@ -7,6 +7,13 @@ LSUV); this is what rescues sigmoid networks, whose 0.5-mean outputs otherwise p
 saturation. ``center=False`` is the paper's algorithm and matches the ``lsuv`` package weight for
 weight. :class:`LSUVPass` holds LSUV's hooks, so the measurement can also run inside a real training
 step; :func:`lsuv_` runs one on a sample batch.
+
+Distributed: given the data-parallel process group (``group``), the output statistics (per-unit sums,
+then squared deviations, in the wide dtype) are summed over it, so every rank measures the global batch
+and applies the same scale. Sharded layers work as they are: under FSDP2 the hook runs while the layer
+holds its gathered weights (before FSDP2's own post-forward hook) and the change is written to the
+sharded parameters too; under a column-wise tensor-parallel plan, whose outputs hold a slice of the
+units, the statistics are also summed over the weight's shard group.
 """
 
 from __future__ import annotations
@@ -18,10 +25,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from stability_callbacks._checks import check_bool, check_int, check_number
-from stability_callbacks.init_schemes import LSUV_TYPES, call_model, eval_no_grad, init_tensor_
+from stability_callbacks.init_schemes import LSUV_TYPES, call_model, eval_no_grad, init_tensor_, write_full_
+from stability_callbacks.stats import local_tensor, wide_dtype
+
+try:  # DTensor: the parameters of FSDP2 (fully_shard) and tensor parallelism
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a build of torch without torch.distributed
+    DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = ["LSUVPass", "LSUVResult", "lsuv_", "lsuv_layer_names", "orthogonal_layers_"]
 
@@ -87,7 +101,7 @@ class LSUVPass:
         model: the model.
         layers: names of the Linear/Conv layers to treat (default: all trainable ones,
             :func:`lsuv_layer_names`).
-        tol, max_iters, target_std, center: as for :func:`lsuv_`.
+        tol, max_iters, target_std, center, group: as for :func:`lsuv_`.
     """
 
     def __init__(
@@ -98,6 +112,7 @@ class LSUVPass:
         max_iters: int = 10,
         target_std: float = 1.0,
         center: bool = True,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         check_number("tol", tol, 0.0, low_open=True)
         check_int("max_iters", max_iters)
@@ -106,7 +121,9 @@ class LSUVPass:
         self.names = lsuv_layer_names(model, layers)
         self.modules = dict(model.named_modules())
         self.tol, self.max_iters, self.target_std, self.center = tol, max_iters, target_std, center
+        self.group = group
         self.results: dict[str, LSUVResult] = {}
+        self._stored: dict[str, tuple[Tensor, Tensor | None]] = {}  # the parameters outside forward
         self.error: str | None = None
         self._stack: ExitStack | None = None
 
@@ -115,8 +132,11 @@ class LSUVPass:
         if self._stack is None:
             self._stack = ExitStack()
             for n in self.names:
-                hook = self._make_hook(n)
-                self._stack.callback(self.modules[n].register_forward_hook(hook, with_kwargs=True).remove)
+                m = self.modules[n]
+                self._stored[n] = (m.weight, getattr(m, "bias", None))
+                # first, so that it runs while FSDP2 still holds the gathered weights
+                handle = m.register_forward_hook(self._make_hook(n), with_kwargs=True, prepend=True)
+                self._stack.callback(handle.remove)
         return self
 
     def remove(self) -> None:
@@ -146,8 +166,10 @@ class LSUVPass:
                 return None
             try:
                 self.results[name], new_out = _lsuv_layer(
-                    mod, args, kwargs, out, self.tol, self.max_iters, self.target_std, self.center
+                    mod, args, kwargs, out, self.tol, self.max_iters, self.target_std, self.center, self.group
                 )
+                if self.results[name].tries:
+                    _write_back(mod, *self._stored[name])
             except Exception as error:  # never fail the forward pass
                 self.error = f"{name}: {type(error).__name__}: {error}"
                 self.results[name] = LSUVResult(math.nan, math.nan, 0, False)
@@ -167,6 +189,7 @@ def lsuv_(
     center: bool = True,
     orthogonal: bool = True,
     generator: torch.Generator | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> dict[str, LSUVResult]:
     """Layer-sequential unit-variance initialisation (Mishkin & Matas, 2016), in place.
 
@@ -190,12 +213,15 @@ def lsuv_(
             scaling weight and bias together. ``False`` reproduces the paper and the ``lsuv`` package.
         orthogonal: orthogonal pre-initialisation (gain 1) and zero biases; ``False`` keeps the weights.
         generator: random generator for the orthogonal matrices.
+        group: the process group over which the batch is split (data parallelism: each rank passes its
+            part): the statistics are summed over it, so every rank applies the scales of the global
+            batch. ``None``: this process's batch alone.
 
     Returns:
         ``{layer name: LSUVResult}`` in forward order (layers the forward pass never reached last).
     """
     check_bool("orthogonal", orthogonal)
-    lsuv = LSUVPass(model, layers, tol, max_iters, target_std, center)
+    lsuv = LSUVPass(model, layers, tol, max_iters, target_std, center, group)
     if orthogonal:
         orthogonal_layers_(model, lsuv.names, generator)
     with ExitStack() as stack:
@@ -220,6 +246,72 @@ def orthogonal_layers_(
                 m.bias.zero_()
 
 
+def _all_reduce(t: Tensor, group: dist.ProcessGroup | None, op: Any = dist.ReduceOp.SUM) -> Tensor:
+    """``t`` all-reduced in place over ``group``; ``t`` as it is without a group."""
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _unit_group(weight: Tensor, out_dim: int, units: int) -> dist.ProcessGroup | None:
+    """The process group over which the output units of a layer are split (a column-wise tensor-parallel
+    weight sharded along its output dimension, whose output holds this rank's slice of the units), else
+    ``None``."""
+    if DTensor is None or not isinstance(weight, DTensor) or units >= weight.shape[out_dim]:
+        return None
+    for mesh_dim, placement in enumerate(weight.placements):
+        if placement.is_shard() and placement.dim % weight.ndim == out_dim:  # type: ignore[attr-defined]
+            return weight.device_mesh.get_group(mesh_dim)
+    return None
+
+
+def _output_stats(
+    m: nn.Module, out: Any, with_mean: bool, group: dist.ProcessGroup | None
+) -> tuple[float, float, Tensor, Tensor]:
+    """(std, largest |unit mean|, unit means, std around the unit means) of a layer's output, over the
+    batches of ``group`` and the units of every rank: one transfer to the host."""
+    y = local_tensor(out[0] if isinstance(out, tuple) else out).detach()
+    y = y.to(wide_dtype(y.device))
+    unit = _unit_dim(m) % y.dim()
+    dims = [d for d in range(y.dim()) if d != unit]
+    weight: Tensor = m.weight  # type: ignore[assignment]
+    out_dim = 1 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 0
+    units = y.shape[unit]
+    split = _unit_group(weight, out_dim, units)
+    per_unit = torch.cat([y.sum(dim=dims) if dims else y, y.new_tensor([y.numel() / max(units, 1)])])
+    per_unit = _all_reduce(per_unit, group)  # the global batch: sums and counts per unit
+    unit_mean, count = per_unit[:-1] / per_unit[-1].clamp_min(1.0), per_unit[-1]
+    total = _all_reduce(torch.stack([per_unit[:-1].sum(), count * units]), split)
+    mean = total[0] / total[1].clamp_min(1.0)
+    shape = [1] * y.dim()
+    shape[unit] = -1
+    deviations = torch.stack([(y - mean).square().sum(), (y - unit_mean.view(shape)).square().sum()])
+    deviations = _all_reduce(_all_reduce(deviations, group), split)
+    dof = (total[1] - 1.0).clamp_min(1.0)
+    std, centred = (deviations / dof).sqrt().unbind()
+    mean_err = unit_mean.abs().max() if with_mean and units else y.new_zeros(())
+    mean_err = _all_reduce(mean_err.clone(), split, dist.ReduceOp.MAX)
+    host_std, host_err = torch.stack([std, mean_err]).float().tolist()  # one transfer per evaluation
+    return host_std, host_err, unit_mean, (centred if with_mean else std).float()
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole of ``t``: a DTensor's full tensor (gathered), ``t`` itself otherwise."""
+    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _write_back(m: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
+    """Copy a layer's corrected weight and bias into the parameters it holds outside its forward pass,
+    where they are not those it ran with (FSDP2 runs a layer with gathered copies of its shards)."""
+    live_weight: Tensor = m.weight  # type: ignore[assignment]
+    if live_weight is weight:
+        return
+    write_full_(weight, _full(live_weight).detach())
+    live_bias = getattr(m, "bias", None)
+    if bias is not None and live_bias is not None:
+        write_full_(bias, _full(live_bias).detach())
+
+
 def _lsuv_layer(
     m: nn.Module,
     args: Any,
@@ -229,38 +321,28 @@ def _lsuv_layer(
     max_iters: int,
     target_std: float,
     center: bool,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[LSUVResult, Any]:
     """Scale one layer until its output std is ``target_std``; returns the result and the new output."""
     bias: Tensor | None = getattr(m, "bias", None) if center else None
     weight: Tensor = m.weight  # type: ignore[assignment]
     grad_mode = torch.is_grad_enabled()
 
-    def stats(out: Any) -> tuple[float, float, Tensor, Tensor]:
-        y = (out[0] if isinstance(out, tuple) else out).detach().float()
-        shape = [1] * y.dim()
-        shape[_unit_dim(m) % y.dim()] = -1
-        dims = [d for d, size in enumerate(shape) if size == 1]
-        unit_mean = y.mean(dim=dims).view(shape) if dims else y
-        mean_err = unit_mean.abs().max() if bias is not None else y.new_zeros(())
-        centred_std = (y - unit_mean).std() if bias is not None else y.std()
-        std, err = torch.stack([y.std(), mean_err]).tolist()  # one transfer per evaluation
-        return std, err, unit_mean.flatten(), centred_std
-
     def ok(std: float, mean_err: float) -> bool:
         return abs(std - target_std) <= tol and mean_err <= tol
 
-    std, mean_err, unit_mean, centred = stats(out)
+    std, mean_err, unit_mean, centred = _output_stats(m, out, bias is not None, group)
     before, tries = std, 0
     while not ok(std, mean_err) and tries < max_iters and math.isfinite(std) and std > 0.0:
         with torch.no_grad():
             scale = target_std / centred.clamp_min(1e-12)
             if bias is not None:
-                bias.sub_(unit_mean.to(bias.dtype)).mul_(scale.to(bias.dtype))
-            weight.mul_(scale.to(weight.dtype))
+                local_tensor(bias).sub_(unit_mean.to(bias.dtype)).mul_(scale.to(bias.dtype))
+            local_tensor(weight).mul_(scale.to(weight.dtype))
             torch.clear_autocast_cache()  # under autocast, the cast of the old weight is cached
             out = m.forward(*args, **kwargs)
         tries += 1
-        std, mean_err, unit_mean, centred = stats(out)
+        std, mean_err, unit_mean, centred = _output_stats(m, out, bias is not None, group)
     if tries and grad_mode:  # hand on an output the step's backward can go through
         out = m.forward(*args, **kwargs)
     return LSUVResult(before, std, tries, ok(std, mean_err)), out

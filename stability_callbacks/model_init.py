@@ -7,6 +7,12 @@ with the schemes of :mod:`~stability_callbacks.init_schemes`, the layer rules of
 :class:`~stability_callbacks.init_report.InitReport` says what changed and why. The callback that
 applies it during a fit is :class:`stability_callbacks.init.InitSwap`; the example of a plain loop is in
 :mod:`stability_callbacks.init`, which re-exports :func:`init_swap`.
+
+Sharded models (FSDP2, tensor parallelism) are initialised as the full model: schemes see the global
+shapes, each rank keeps its shard of the full draw (:func:`~stability_callbacks.init_schemes.write_full_`),
+the report's statistics are those of the full tensors (moments and extremes reduced over the mesh), and
+LSUV's output statistics are summed over the data-parallel group, so the report and the scales are the
+same on every rank.
 """
 
 from __future__ import annotations
@@ -35,7 +41,12 @@ from stability_callbacks.init_schemes import (
 )
 from stability_callbacks.layer_init import init_parameter_
 from stability_callbacks.lsuv import LSUVPass, LSUVResult, lsuv_, lsuv_layer_names, orthogonal_layers_
-from stability_callbacks.stats import user_name
+from stability_callbacks.stats import local_tensor, reduce_over_shards, shard_groups, user_name, wide_dtype
+
+try:  # DTensor: the parameters of FSDP2 (fully_shard) and tensor parallelism
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a build of torch without torch.distributed
+    DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "broadcast_module_",
@@ -119,7 +130,11 @@ def check_overrides_match(model: nn.Module, overrides: Mapping[str, str] | None)
 
 
 def _summaries(tensors: Sequence[Tensor]) -> list[tuple[float, float, float]]:
-    """(population std, min, max) of each tensor, with one host transfer per device."""
+    """(population std, min, max) of each tensor, with one host transfer per device.
+
+    Two passes in the wide dtype (mean, then squared deviations); a DTensor is summarised whole: its
+    shard's sums and extremes are reduced over the mesh (a few collectives for all tensors).
+    """
     if not tensors:
         return []
     by_device: dict[torch.device, list[int]] = {}
@@ -127,11 +142,28 @@ def _summaries(tensors: Sequence[Tensor]) -> list[tuple[float, float, float]]:
         by_device.setdefault(t.device, []).append(i)
     out = [(0.0, 0.0, 0.0)] * len(tensors)
     for idx in by_device.values():
-        rows = []
-        for i in idx:
-            t = tensors[i].detach().float()
-            rows.append(torch.stack([t.std(correction=0), t.min(), t.max()]) if t.numel() else t.new_zeros(3))
-        for i, row in zip(idx, torch.stack(rows).tolist(), strict=True):
+        group = [tensors[i].detach() for i in idx]
+        shards = shard_groups(group)
+        local = [local_tensor(t) for t in group]
+        wide = wide_dtype(local[0].device)
+        values = [t.to(wide) for t in local]
+        inf = torch.full((), math.inf, dtype=wide, device=local[0].device)
+        sums = torch.stack([torch.stack([v.new_tensor(float(v.numel())), v.sum()]) for v in values])
+        ext = torch.stack(
+            [torch.stack([-v.min(), v.max()]) if v.numel() else torch.stack([-inf, -inf]) for v in values]
+        )
+        if shards:
+            sums = reduce_over_shards(sums, shards, dist.ReduceOp.SUM)
+            ext = reduce_over_shards(ext, shards, dist.ReduceOp.MAX)
+        count = sums[:, 0].clamp_min(1.0)
+        mean = sums[:, 1] / count
+        squares = torch.stack([(v - m).square().sum() for v, m in zip(values, mean.unbind(), strict=True)])
+        if shards:
+            squares = reduce_over_shards(squares, shards, dist.ReduceOp.SUM)
+        std = (squares / count).sqrt()
+        empty = sums[:, 0] == 0
+        rows = torch.stack([std, -ext[:, 0], ext[:, 1]], dim=1).masked_fill(empty.unsqueeze(1), 0.0)
+        for i, row in zip(idx, rows.float().tolist(), strict=True):
             out[i] = (row[0], row[1], row[2])
     return out
 
@@ -185,6 +217,7 @@ def init_swap(
     lsuv_center: bool = True,
     forget_bias: float = 1.0,
     generator: torch.Generator | None = None,
+    lsuv_group: dist.ProcessGroup | None = None,
 ) -> InitReport:
     """Re-initialise the trainable parameters of ``model`` in place for the activations it uses.
 
@@ -227,6 +260,8 @@ def init_swap(
         lsuv_tol, lsuv_max_iters, lsuv_center: ``tol``, ``max_iters`` and ``center`` of :func:`lsuv_`.
         forget_bias: LSTM forget-gate bias.
         generator: random generator (the global one if ``None``).
+        lsuv_group: the process group over which ``sample_input`` is split (data parallelism), so
+            that LSUV measures the global batch (see :func:`~stability_callbacks.lsuv.lsuv_`).
 
     Returns:
         An :class:`InitReport`; ``print(report)`` shows the table.
@@ -310,6 +345,7 @@ def init_swap(
             max_iters=lsuv_max_iters,
             center=lsuv_center,
             generator=generator,
+            group=lsuv_group,
         )
         lsuv_results = {lsuv_layers[n]: r for n, r in raw.items()}
     new = _summaries([p.param for p in params])
@@ -325,13 +361,19 @@ def init_swap(
 
 
 def lsuv_pass(
-    model: nn.Module, report: InitReport, tol: float = 0.1, max_iters: int = 10, center: bool = True
+    model: nn.Module,
+    report: InitReport,
+    tol: float = 0.1,
+    max_iters: int = 10,
+    center: bool = True,
+    group: dist.ProcessGroup | None = None,
 ) -> LSUVPass:
     """An :class:`~stability_callbacks.lsuv.LSUVPass` over the layers ``report`` left to LSUV
-    (``init_swap(..., defer_lsuv=True)``), without a new orthogonal start."""
+    (``init_swap(..., defer_lsuv=True)``), without a new orthogonal start; ``group`` is the
+    data-parallel process group whose batches it measures together."""
     wanted = set(report.lsuv_pending)
     names = [n for n, _ in model.named_modules() if user_name(n) in wanted]
-    return LSUVPass(model, names, tol=tol, max_iters=max_iters, center=center)
+    return LSUVPass(model, names, tol=tol, max_iters=max_iters, center=center, group=group)
 
 
 def finish_lsuv(model: nn.Module, report: InitReport, results: Mapping[str, LSUVResult]) -> InitReport:
@@ -346,6 +388,8 @@ def broadcast_module_(module: nn.Module, src: int = 0) -> None:
     """Copy every parameter and buffer of ``module`` from rank ``src`` to all ranks, in place.
 
     One broadcast per device and dtype (flattened); a no-op without an initialised process group.
+    DTensors (FSDP2, tensor parallelism) are left alone: each rank holds its own shard, and
+    :func:`init_swap` already gave every rank its shard of the same full tensor.
 
     Args:
         module: the module (the same architecture on every rank).
@@ -355,7 +399,8 @@ def broadcast_module_(module: nn.Module, src: int = 0) -> None:
         return
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in [*module.parameters(), *module.buffers()]:
-        groups.setdefault((t.device, t.dtype), []).append(t)
+        if DTensor is None or not isinstance(t, DTensor):
+            groups.setdefault((t.device, t.dtype), []).append(t)
     with torch.no_grad():
         for tensors in groups.values():
             flat = torch._utils._flatten_dense_tensors([t.detach() for t in tensors])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +43,9 @@ __all__ = [
     "layer_norms",
     "local_tensor",
     "nonfinite_counts",
+    "reduce_over_shards",
     "reduce_total_norm",
+    "shard_groups",
     "tensor_norms",
     "tensor_stats",
     "total_norm",
@@ -99,15 +101,23 @@ def _shard_groups(tensors: Sequence[Tensor | None]) -> dict[dist.ProcessGroup, l
     return groups
 
 
-def _reduce_over_shards(values: Tensor, shards: dict[dist.ProcessGroup, list[int]], op: Any) -> Tensor:
+def _reduce_over_shards(
+    values: Tensor, shards: Mapping[dist.ProcessGroup, Sequence[int] | Tensor], op: Any
+) -> Tensor:
     """All-reduce the entries of ``values`` at each group's positions over that group (one collective per
-    group: a single one under FSDP2), so that per-shard sums or maxima become those of whole tensors."""
+    group: a single one under FSDP2), so that per-shard sums or maxima become those of whole tensors.
+    Positions given as an int64 tensor on the device of ``values`` save a host-to-device copy a call."""
     for group, positions in shards.items():
-        index = torch.tensor(positions, device=values.device)
+        index = positions if isinstance(positions, Tensor) else torch.tensor(positions, device=values.device)
         part = values.index_select(0, index)
         dist.all_reduce(part, op=op, group=group)
         values = values.index_copy(0, index, part)
     return values
+
+
+# Public names for the other layer-1 modules that reduce per-tensor rows over DTensor shards (histograms).
+shard_groups = _shard_groups
+reduce_over_shards = _reduce_over_shards
 
 
 def _dense(t: Tensor) -> Tensor:

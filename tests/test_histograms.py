@@ -511,13 +511,17 @@ def test_bad_arguments_raise(kwargs: dict[str, Any], name: str) -> None:
         HistogramLogger(**kwargs)
 
 
-def test_sharded_strategy_is_refused_at_setup() -> None:
-    from lightning.pytorch.strategies import FSDPStrategy
+def test_flat_shards_are_refused_and_dtensor_shards_accepted_at_setup() -> None:
+    """FSDP1's flat shards are refused; ModelParallelStrategy's DTensors are counted whole
+    (``test_sharded.py`` compares them with an unsharded run)."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     cb = HistogramLogger()
     trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[cb])
-    with pytest.raises(ValueError, match="FSDPStrategy"):
+    with pytest.raises(ValueError, match=r"FSDPStrategy.*ModelParallelStrategy"):
         cb.setup(trainer, MLPModule(), "fit")  # type: ignore[arg-type]
+    trainer.strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    cb.setup(trainer, MLPModule(), "fit")  # type: ignore[arg-type]  # no error
 
 
 class ZeroGrads(StabilityCallback):

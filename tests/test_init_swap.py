@@ -14,7 +14,7 @@ import torch
 from conftest import MLPModule, count_host_syncs, make_loader, make_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 
@@ -364,7 +364,7 @@ def test_override_matching_nothing_fails_at_setup(tmp_path: Path) -> None:
         trainer.fit(MLPModule(), make_loader())
 
 
-@pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy])
+@pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy])  # FSDP2 and TP: test_sharded.py
 def test_sharded_strategies_are_refused_at_setup(strategy: type) -> None:
     trainer: Any = SimpleNamespace(strategy=object.__new__(strategy))
     with pytest.raises(

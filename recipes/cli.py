@@ -1,4 +1,4 @@
-"""Command line of the recipes: ``python -m recipes {list,run,compare,demo,depth-table,corrupted}``
+"""Command line of the recipes: ``python -m recipes {list,run,compare,demo,readme,depth-table,corrupted}``
 (``recipes/__main__.py`` runs :func:`main`).
 
 Examples::
@@ -7,6 +7,8 @@ Examples::
     python -m recipes run deep_mlp --variant sigmoid
     python -m recipes compare lstm --seed 1
     python -m recipes demo
+    python -m recipes demo --recipes deep_mlp --write-readme
+    python -m recipes readme --check
     python -m recipes depth-table --json
     python -m recipes corrupted --seed 1
     tensorboard --logdir logs
@@ -38,7 +40,8 @@ COMMANDS: dict[str, str] = {
     "list": "recipes, their variants and these commands",
     "run": "train one variant of a recipe",
     "compare": "train every variant of a recipe with the same seed and budget; a table and summary files",
-    "demo": "compare for all three recipes on CPU budgets",
+    "demo": "compare for every recipe on CPU budgets (--write-readme: the README's tables too)",
+    "readme": "rewrite the README's result tables from the committed summaries, without training",
     "depth-table": "depth ratio vs depth, plain vs residual, sigmoid vs ReLU",
     "corrupted": "one corrupted batch mid-run: clean vs corrupted vs corrupted + StabilityAutopilot",
 }
@@ -137,12 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
     cmd["compare"].add_argument(
         "--variants", type=_names, default=None, help="comma-separated subset of the variants"
     )
+    cmd["compare"].add_argument("--jobs", type=_positive, default=1, help="variants trained at once")
     _add_common(cmd["compare"])
 
     cmd["demo"].add_argument("--seed", type=_seed, default=0)
     cmd["demo"].add_argument("--max-steps", type=_positive, default=None, help="override every budget")
     cmd["demo"].add_argument("--log-dir", default="logs")
     cmd["demo"].add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+    cmd["demo"].add_argument(
+        "--recipes", type=_names, default=None, help="comma-separated recipes (default: all)"
+    )
+    cmd["demo"].add_argument(
+        "--write-readme",
+        action="store_true",
+        help="also write recipes/results/<recipe>.json and rewrite the README's tables of these recipes",
+    )
+    cmd["demo"].add_argument("--readme", default=str(reports.README), help="the README to rewrite")
+    cmd["demo"].add_argument("--jobs", type=_positive, default=1, help="variants trained at once")
+
+    p_readme = cmd["readme"]
+    p_readme.add_argument(
+        "--recipes", type=_names, default=None, help="comma-separated recipes (default: all)"
+    )
+    p_readme.add_argument("--readme", default=str(reports.README), help="the README to rewrite")
+    p_readme.add_argument(
+        "--results-dir", default=str(reports.RESULTS_DIR), help="folder of the committed summaries"
+    )
+    p_readme.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 if a table differs from its summary"
+    )
 
     p_depth = cmd["depth-table"]
     p_depth.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -206,6 +232,23 @@ def _check_recipe_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     _check_log_dir(p, args.log_dir)
 
 
+def _check_recipes(p: argparse.ArgumentParser, names: list[str] | None) -> None:
+    unknown = [n for n in names or [] if n not in registry.RECIPES]
+    if unknown:
+        p.error(
+            f"argument --recipes: unknown recipe {', '.join(map(repr, unknown))} "
+            f"(choose from {', '.join(registry.RECIPES)})"
+        )
+
+
+def _check_readme(p: argparse.ArgumentParser, readme: str) -> None:
+    if not Path(readme).is_file():
+        p.error(f"argument --readme: no file {readme!r}")
+    if not reports.readme_blocks(Path(readme).read_text()):
+        begin, _ = reports.readme_markers("<recipe>")
+        p.error(f"argument --readme: {readme!r} has no generated section ({begin} ... end)")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Usage errors (``SystemExit(2)`` with the subcommand's usage) for arguments that are each valid but
     do not fit the recipe or each other."""
@@ -214,6 +257,18 @@ def check_args(args: argparse.Namespace) -> None:
         _check_recipe_args(p, args)
     elif args.command == "demo":
         _check_log_dir(p, args.log_dir)
+        _check_recipes(p, args.recipes)
+        if args.write_readme:
+            if args.max_steps is not None:
+                p.error("argument --write-readme: the README shows the presets' budgets; drop --max-steps")
+            _check_readme(p, args.readme)
+    elif args.command == "readme":
+        _check_recipes(p, args.recipes)
+        _check_readme(p, args.readme)
+        try:
+            reports.load_results(args.recipes or registry.RECIPES, Path(args.results_dir))
+        except FileNotFoundError as err:
+            p.error(f"argument --results-dir: {err}")
     elif args.command == "depth-table":
         for name in args.activations:
             try:
@@ -242,6 +297,25 @@ def _list() -> None:
         print(f"  {name:<{width}}  {text}")
     configs = ", ".join(c.name for c in sorted(CONFIGS.glob("*.yaml")))
     print(f"\nLightningCLI: python -m recipes.<recipe> fit --config recipes/configs/<file>  ({configs})")
+
+
+def _readme(args: argparse.Namespace) -> int:
+    names = args.recipes or list(registry.RECIPES)
+    readme, results = Path(args.readme), Path(args.results_dir)
+    if not args.check:
+        changed = reports.write_readme(names, readme, results)
+        print(f"README sections rewritten: {', '.join(changed) or 'none (unchanged)'}")
+        return 0
+    text = readme.read_text()
+    expected = reports.readme_blocks(reports.update_readme(text, reports.load_results(names, results)))
+    found = reports.readme_blocks(text)
+    stale = [n for n in names if found.get(n) != expected.get(n)]
+    print(
+        f"README tables differ from their summaries: {', '.join(stale)} (run python -m recipes readme)"
+        if stale
+        else "README tables match the committed summaries"
+    )
+    return 1 if stale else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,11 +356,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_dir=args.log_dir,
             variants=args.variants,
             progress=args.progress,
+            jobs=args.jobs,
         )
         return 0
     if args.command == "demo":
-        runner.demo(seed=args.seed, log_dir=args.log_dir, max_steps=args.max_steps, progress=args.progress)
+        runner.demo(
+            seed=args.seed,
+            log_dir=args.log_dir,
+            max_steps=args.max_steps,
+            progress=args.progress,
+            recipes=args.recipes,
+            write_readme=args.write_readme,
+            readme=args.readme,
+            jobs=args.jobs,
+        )
         return 0
+    if args.command == "readme":
+        return _readme(args)
     if args.command == "corrupted":
         results = corrupted.corrupted_demo(
             seed=args.seed,

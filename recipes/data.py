@@ -9,6 +9,8 @@
   (value in [0, 1], marker in {0, 1}) with two markers, one in each half; the target is the sum of the
   two marked values. Predicting the mean (1.0) gives an MSE of about 1/6.
 - ``seq_digits``: the digits read pixel by pixel, a 64-step sequence of one feature per step.
+- ``text``: byte-level next-token prediction on the interpreter's own documentation
+  (:mod:`recipes.text_data`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from recipes.text_data import TextDataModule
 
 __all__ = [
     "DATASETS",
@@ -312,7 +316,7 @@ class TorchvisionDataModule(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=512, num_workers=self.num_workers)
 
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "adding", "seq_digits")
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "adding", "seq_digits", "text")
 
 
 def make_datamodule(
@@ -332,6 +336,8 @@ def make_datamodule(
         return SeqDigitsDataModule(batch_size=batch_size, seed=seed)
     if name == "adding":
         return AddingDataModule(seq_len=seq_len, batch_size=batch_size, seed=seed)
+    if name == "text":
+        return TextDataModule(seq_len=seq_len, batch_size=batch_size, seed=seed)
     if name in _TORCHVISION:
         return TorchvisionDataModule(
             name=name,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from recipes import deep_mlp, lstm, resnet
+from recipes import deep_mlp, lstm, resnet, transformer
 from recipes.spec import Recipe
 
 __all__ = ["RECIPES", "get_recipe"]
 
-_BY_NAME: dict[str, Recipe] = {rec.name: rec for rec in (deep_mlp.RECIPE, resnet.RECIPE, lstm.RECIPE)}
+_BY_NAME: dict[str, Recipe] = {
+    rec.name: rec for rec in (deep_mlp.RECIPE, resnet.RECIPE, lstm.RECIPE, transformer.RECIPE)
+}
 
 RECIPES: tuple[str, ...] = tuple(_BY_NAME)
 

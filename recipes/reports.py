@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,23 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from recipes.spec import CorruptedResult, Recipe, RunResult
 
 __all__ = [
+    "README",
+    "RESULTS_DIR",
     "format_corrupted_table",
     "format_depth_table",
     "format_number",
     "format_table",
     "layer_norms_from_events",
+    "load_results",
+    "readme_blocks",
+    "readme_markers",
+    "readme_section",
+    "render_entries",
     "render_table",
+    "summary_entry",
+    "update_readme",
     "write_corrupted_summary",
+    "write_readme",
     "write_summary",
 ]
 
@@ -49,24 +61,75 @@ def render_table(head: Sequence[str], rows: Sequence[Sequence[str]], markdown: b
     )
 
 
-def format_table(results: dict[str, RunResult], markdown: bool = False) -> str:
-    """The results of a recipe's runs as an aligned text table (or a Markdown table)."""
-    metric = next(iter(results.values())).val_metric_name if results else "val_metric"
-    head = ["variant", "train loss", metric, "depth ratio", "diagnosis", "diverged", "steps", "seconds"]
+def summary_entry(result: RunResult) -> dict[str, Any]:
+    """A run's entry of ``summary.json``: its numbers, the pathology it ``cures``, the monitor's
+    ``diagnosis`` in words, its plain-words ``warnings`` (rule -> message) and the autopilot's
+    ``actions``."""
+    return {
+        **result.summary(),
+        "cures": result.cures,
+        "diagnosis": result.diagnosis(),
+        "warnings": dict(result.warnings),
+        "actions": list(result.actions),
+    }
+
+
+def _cures_cell(entries: dict[str, dict[str, Any]], name: str) -> str:
+    target = entries[name].get("cures")
+    if not target:
+        return "-"
+    if target not in entries:
+        return str(target)
+    return f"{target} ({format_number(entries[target].get('val_metric'))})"
+
+
+def render_entries(entries: dict[str, dict[str, Any]], markdown: bool = False, notes: bool = True) -> str:
+    """The compare table of a recipe's ``summary.json`` entries (:func:`summary_entry`).
+
+    The ``cures`` column names the pathology a remedy cures, with that pathology's validation metric
+    beside it. With ``notes``, the table is followed by what the monitor said (the first plain-words
+    message of each rule that fired, once per run) and what the autopilot did, run by run.
+    """
+    first = next(iter(entries.values()), {})
+    metric = first.get("val_metric_name", "val_metric")
+    head = ["variant", "cures", "train loss", metric, "depth ratio", "diagnosis", "diverged", "steps"]
+    head.append("seconds")
     rows = [
         [
             name,
-            format_number(r.final_train_loss),
-            format_number(r.val_metric),
-            format_number(r.depth_ratio, 2),
-            r.diagnosis(),
-            "yes" if r.diverged else "no",
-            str(r.steps),
-            f"{r.seconds:.1f}",
+            _cures_cell(entries, name),
+            format_number(e.get("final_train_loss")),
+            format_number(e.get("val_metric")),
+            format_number(e.get("depth_ratio"), 2),
+            e.get("diagnosis") or "-",
+            "yes" if e.get("diverged") else "no",
+            str(e.get("steps")),
+            f"{float(e.get('seconds') or 0.0):.1f}",
         ]
-        for name, r in results.items()
+        for name, e in entries.items()
     ]
-    return render_table(head, rows, markdown)
+    table = render_table(head, rows, markdown)
+    said = _notes(entries, markdown) if notes else []
+    return "\n".join([table, "", *said]) if said else table
+
+
+def _notes(entries: dict[str, dict[str, Any]], markdown: bool) -> list[str]:
+    lines: list[str] = []
+    for name, e in entries.items():
+        said = [f"GradientMonitor ({kind}): {text}" for kind, text in e.get("warnings", {}).items()]
+        said += [f"StabilityAutopilot: {text}" for text in e.get("actions", [])]
+        for text in said:
+            if markdown:
+                lines.append(f"- `{name}` {text}")
+            else:
+                lines.extend(textwrap.wrap(text, 110, initial_indent=f"{name}: ", subsequent_indent="    "))
+    return lines
+
+
+def format_table(results: dict[str, RunResult], markdown: bool = False, notes: bool = True) -> str:
+    """The results of a recipe's runs as an aligned text table (or a Markdown table), followed (with
+    ``notes``) by the monitor's messages and the autopilot's actions; see :func:`render_entries`."""
+    return render_entries({name: summary_entry(r) for name, r in results.items()}, markdown, notes)
 
 
 def format_depth_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -112,7 +175,8 @@ def write_summary(
     summary = {
         "recipe": recipe.name,
         "seed": seed,
-        "variants": {name: r.summary() for name, r in results.items()},
+        "preset": preset,
+        "variants": {name: summary_entry(r) for name, r in results.items()},
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
@@ -228,3 +292,87 @@ def layer_norms_from_events(run_dir: Path, model: torch.nn.Module) -> list[tuple
             if values:
                 out.append((name, math.exp(sum(math.log(v) for v in values) / len(values))))
     return out
+
+
+# -- the README's generated sections ------------------------------------------------------------------------
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
+README_COMMAND = "python -m recipes demo --write-readme"
+
+
+def readme_markers(recipe: str) -> tuple[str, str]:
+    """The comment lines around the README's generated section of ``recipe``."""
+    return f"<!-- recipes:{recipe}:begin -->", f"<!-- recipes:{recipe}:end -->"
+
+
+def readme_section(summary: dict[str, Any]) -> str:
+    """The README's generated section of one recipe's ``summary.json``: a line saying what ran and how to
+    make it again, the Markdown table and the notes of :func:`render_entries`."""
+    name = summary["recipe"]
+    head = (
+        f"`{name}`, seed {summary['seed']}, preset {summary.get('preset', 'cpu')} "
+        f"(`{README_COMMAND}`; from `recipes/results/{name}.json`):"
+    )
+    return "\n".join([head, "", render_entries(summary["variants"], markdown=True)])
+
+
+def readme_blocks(text: str) -> dict[str, str]:
+    """The generated sections of a README's ``text``, by recipe name (the text between the markers)."""
+    out: dict[str, str] = {}
+    for match in re.finditer(r"<!-- recipes:(\w+):begin -->\n?(.*?)\n?<!-- recipes:\1:end -->", text, re.S):
+        out[match.group(1)] = match.group(2)
+    return out
+
+
+def update_readme(text: str, summaries: dict[str, dict[str, Any]]) -> str:
+    """``text`` with the generated section of each recipe in ``summaries`` rewritten.
+
+    A recipe without a section yet gets one after the last generated section (the recipes keep the
+    order of ``summaries``); a README with no generated section at all raises ``ValueError``.
+    """
+    previous_end: str | None = None
+    for name, summary in summaries.items():
+        begin, end = readme_markers(name)
+        block = f"{begin}\n{readme_section(summary)}\n{end}"
+        if begin in text and end in text:
+            start, stop = text.index(begin), text.index(end) + len(end)
+            text = text[:start] + block + text[stop:]
+        else:
+            anchor = previous_end or _last_end_marker(text)
+            if anchor is None:
+                raise ValueError(f"the README has no generated section to put {name!r} after ({begin})")
+            at = text.index(anchor) + len(anchor)
+            text = text[:at] + "\n\n" + block + text[at:]
+        previous_end = end
+    return text
+
+
+def _last_end_marker(text: str) -> str | None:
+    ends = list(re.finditer(r"<!-- recipes:\w+:end -->", text))
+    return ends[-1].group(0) if ends else None
+
+
+def load_results(names: Sequence[str], results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
+    """The committed summaries ``<results_dir>/<recipe>.json`` of ``names``; ``FileNotFoundError``
+    names the first missing file and the command that writes it."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        path = results_dir / f"{name}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no summary {path} (write it with `{README_COMMAND}`)")
+        out[name] = json.loads(path.read_text())
+    return out
+
+
+def write_readme(names: Sequence[str], readme: Path = README, results_dir: Path = RESULTS_DIR) -> list[str]:
+    """Rewrite the generated sections of ``readme`` for ``names`` from the committed summaries; returns
+    the names whose section changed."""
+    text = readme.read_text()
+    summaries = load_results(names, results_dir)
+    new = update_readme(text, summaries)
+    before = readme_blocks(text)
+    after = readme_blocks(new)
+    if new != text:
+        readme.write_text(new)
+    return [n for n in names if before.get(n) != after.get(n)]

@@ -8,8 +8,15 @@ network in the spirit of Brock et al. 2021 (weight-standardised convolutions, sc
 branches that start at zero), the setting adaptive gradient clipping (AGC) was designed for.
 ``backbone="resnet18"`` uses torchvision's resnet18 (3x3 stem, no max-pool) instead.
 
-Variants: ``plain``, ``residual``, ``plain_initswap``, ``autopilot`` (the plain net with
-:class:`~stability_callbacks.autopilot.StabilityAutopilot`) and ``nf_agc``. As a LightningCLI script::
+Three pathologies, each with the remedies that cure it (``Variant.cures``):
+
+- ``plain`` (32 layers, BatchNorm, He init, no shortcuts) trains worse than its twin ``residual``;
+- ``plain_nobn`` (20 plain layers without BatchNorm, PyTorch's default init) has vanishing gradients and
+  stays at chance; ``plain_batchnorm``, ``plain_initswap`` (He init), ``plain_lsuv`` and ``autopilot``
+  (:class:`~stability_callbacks.autopilot.StabilityAutopilot`, which re-initialises it) cure it;
+- ``nf`` (the normalisation-free net at a learning rate of 2) diverges; ``nf_agc`` trains it.
+
+As a LightningCLI script::
 
     python -m recipes.resnet fit --config recipes/configs/resnet_plain.yaml
 """
@@ -64,10 +71,19 @@ class BasicBlock(nn.Module):
         norm_free: weight-standardised convolutions without BatchNorm; the residual branch is scaled by
             ``alpha`` and a learnt scalar that starts at zero (SkipInit, De & Smith 2020).
         alpha: residual branch scale of the normalisation-free block.
+        batchnorm: BatchNorm after each convolution (ignored when ``norm_free``); without it the
+            convolutions get a bias.
     """
 
     def __init__(
-        self, cin: int, cout: int, stride: int, plain: bool, norm_free: bool, alpha: float = 0.2
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        plain: bool,
+        norm_free: bool,
+        alpha: float = 0.2,
+        batchnorm: bool = True,
     ) -> None:
         super().__init__()
         self.plain = plain
@@ -75,10 +91,11 @@ class BasicBlock(nn.Module):
         self.stride = stride
         self.pad = cout - cin
         conv: type[nn.Conv2d] = WSConv2d if norm_free else nn.Conv2d
-        self.conv1 = conv(cin, cout, 3, stride=stride, padding=1, bias=norm_free)
-        self.conv2 = conv(cout, cout, 3, stride=1, padding=1, bias=norm_free)
-        self.bn1: nn.Module = nn.Identity() if norm_free else nn.BatchNorm2d(cout)
-        self.bn2: nn.Module = nn.Identity() if norm_free else nn.BatchNorm2d(cout)
+        norm = batchnorm and not norm_free
+        self.conv1 = conv(cin, cout, 3, stride=stride, padding=1, bias=not norm)
+        self.conv2 = conv(cout, cout, 3, stride=1, padding=1, bias=not norm)
+        self.bn1: nn.Module = nn.BatchNorm2d(cout) if norm else nn.Identity()
+        self.bn2: nn.Module = nn.BatchNorm2d(cout) if norm else nn.Identity()
         self.act1: nn.Module = _ScaledReLU() if norm_free else nn.ReLU()
         self.act2: nn.Module = _ScaledReLU() if norm_free else nn.ReLU()
         self.alpha = alpha
@@ -113,6 +130,9 @@ class CifarResNet(nn.Module):
         width: channels of the first stage (16 in the paper; doubled at each stage).
         plain: remove every shortcut.
         norm_free: normalisation-free residual blocks.
+        batchnorm: BatchNorm after each convolution (ignored when ``norm_free``).
+        init: ``"he"`` (He et al. 2015, fan-out, as torchvision does) or ``"default"`` (PyTorch's own
+            initialisation of the convolutions, whose variance shrinks the signal at every ReLU layer).
     """
 
     def __init__(
@@ -123,6 +143,8 @@ class CifarResNet(nn.Module):
         width: int = 16,
         plain: bool = False,
         norm_free: bool = False,
+        batchnorm: bool = True,
+        init: str = "he",
     ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
@@ -131,10 +153,13 @@ class CifarResNet(nn.Module):
             raise ValueError(
                 "`plain` and `norm_free` cannot both be True (the norm-free net needs shortcuts)"
             )
+        if init not in ("he", "default"):
+            raise ValueError(f"`init` must be 'he' or 'default', got {init!r}")
         n = (depth - 2) // 6
         conv: type[nn.Conv2d] = WSConv2d if norm_free else nn.Conv2d
-        self.stem = conv(in_channels, width, 3, padding=1, bias=norm_free)
-        self.stem_bn: nn.Module = nn.Identity() if norm_free else nn.BatchNorm2d(width)
+        norm = batchnorm and not norm_free
+        self.stem = conv(in_channels, width, 3, padding=1, bias=not norm)
+        self.stem_bn: nn.Module = nn.BatchNorm2d(width) if norm else nn.Identity()
         self.stem_act = nn.ReLU()
         blocks: list[nn.Module] = []
         cin = width
@@ -142,15 +167,17 @@ class CifarResNet(nn.Module):
             cout = width * 2**stage
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(BasicBlock(cin, cout, stride, plain, norm_free))
+                blocks.append(BasicBlock(cin, cout, stride, plain, norm_free, batchnorm=batchnorm))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.final_act: nn.Module = nn.ReLU() if norm_free else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d) and not isinstance(m, WSConv2d):
+            if init == "he" and isinstance(m, nn.Conv2d) and not isinstance(m, WSConv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stem_act(self.stem_bn(self.stem(x)))
@@ -174,6 +201,8 @@ class ResNetClassifier(RecipeModule):
         depth: ResNet depth ``6n + 2`` (ignored for resnet18).
         plain: remove the shortcuts.
         norm_free: normalisation-free residual blocks (for AGC).
+        batchnorm: BatchNorm after each convolution of the CIFAR net.
+        init: ``"he"`` or ``"default"`` initialisation of the CIFAR net's convolutions.
         backbone: ``"cifar"`` or ``"resnet18"``.
         width: channels of the first stage.
         in_channels: image channels (1 for the digits and MNIST, 3 for CIFAR-10).
@@ -186,6 +215,8 @@ class ResNetClassifier(RecipeModule):
         depth: int = 20,
         plain: bool = False,
         norm_free: bool = False,
+        batchnorm: bool = True,
+        init: str = "he",
         backbone: str = "cifar",
         width: int = 16,
         in_channels: int = 1,
@@ -204,40 +235,81 @@ class ResNetClassifier(RecipeModule):
         if backbone == "resnet18":
             self.net = _resnet18(in_channels, num_classes)
         else:
-            self.net = CifarResNet(depth, in_channels, num_classes, width, plain, norm_free)
+            self.net = CifarResNet(depth, in_channels, num_classes, width, plain, norm_free, batchnorm, init)
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.net(x)
         return out
 
 
+# A 20-layer plain net without BatchNorm and with PyTorch's default initialisation: every ReLU layer
+# shrinks the signal, so the first layer's gradient is ~1e-10 times the last one's and it stays at chance.
+VANISHING = {"plain": True, "depth": 20, "batchnorm": False, "init": "default", "lr": 0.02}
+NF_LR = 2.0
+NF_CLIP = 0.02
+# The normalisation-free residual net at a learning rate where plain SGD with momentum blows up.
+NF_HIGH_LR = {"norm_free": True, "lr": NF_LR}
+
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in [
         Variant(
             "plain",
-            "pathology: the ResNet without shortcuts (same layers, BatchNorm, He init)",
+            "pathology: the 32-layer ResNet without shortcuts (same layers, BatchNorm, He init) trains "
+            "worse than its residual twin",
             {"plain": True},
         ),
-        Variant("residual", "the same net with identity shortcuts (He et al. 2016)"),
+        Variant(
+            "residual",
+            "the same net with identity shortcuts (He et al. 2016)",
+            cures="plain",
+        ),
+        Variant(
+            "plain_nobn",
+            "pathology: a 20-layer plain net without BatchNorm, PyTorch's default init, SGD at lr 0.02: "
+            "gradients vanish toward the input",
+            dict(VANISHING),
+        ),
+        Variant(
+            "plain_batchnorm",
+            "plain_nobn with BatchNorm after every convolution (Ioffe & Szegedy 2015)",
+            {**VANISHING, "batchnorm": True},
+            cures="plain_nobn",
+        ),
         Variant(
             "plain_initswap",
-            "plain net re-initialised by InitSwap('auto') at fit start",
-            {"plain": True},
+            "plain_nobn re-initialised by InitSwap('auto') at fit start (He init for the ReLU layers)",
+            dict(VANISHING),
             lambda: [InitSwap(scheme="auto", when="fit_start", verbose=False)],
+            cures="plain_nobn",
+        ),
+        Variant(
+            "plain_lsuv",
+            "plain_nobn re-initialised by InitSwap('lsuv') at fit start (Mishkin & Matas 2016)",
+            dict(VANISHING),
+            lambda: [InitSwap(scheme="lsuv", when="fit_start", verbose=False)],
+            cures="plain_nobn",
         ),
         Variant(
             "autopilot",
-            "plain net with StabilityAutopilot (defaults): it finds no vanishing, exploding or spiking "
-            "gradients to act on, so the missing shortcuts stay a problem it does not fix",
-            {"plain": True},
+            "plain_nobn with StabilityAutopilot: it sees the gradients vanish in the first steps and "
+            "re-initialises the net",
+            dict(VANISHING),
             lambda: [StabilityAutopilot(verbose=False)],
+            cures="plain_nobn",
+        ),
+        Variant(
+            "nf",
+            f"pathology: normalisation-free residual net (WS convs, zero-init branches), SGD at lr {NF_LR}, "
+            "no clipping",
+            dict(NF_HIGH_LR),
         ),
         Variant(
             "nf_agc",
-            "normalisation-free residual net (WS convs, zero-init branches) with AGC(0.04)",
-            {"norm_free": True},
-            lambda: [AGC(clip_factor=0.04)],
+            f"nf with unit-wise adaptive gradient clipping, AGC({NF_CLIP}) (Brock et al. 2021)",
+            dict(NF_HIGH_LR),
+            lambda: [AGC(clip_factor=NF_CLIP)],
+            cures="nf",
         ),
     ]
 }

@@ -68,12 +68,19 @@ class Variant:
         callbacks: builds the library callbacks this variant adds (besides the monitor, which every run
             has, and the histogram logger, which every run that writes logs has); called once per run,
             so every run gets fresh callbacks.
+        cures: for a remedy, the name of the pathology variant of the same recipe it cures (shown next to
+            that pathology's numbers in the compare table and stored in ``summary.json``); ``None`` for a
+            pathology, a baseline, or a remedy that cures nothing in this setting.
+        data: data module arguments that override the preset's ``data_kwargs`` (a pathology shown at its
+            own sequence length, say).
     """
 
     name: str
     description: str
     model: dict[str, Any] = field(default_factory=dict)
     callbacks: Callable[[], list[Callback]] = field(default=lambda: [])
+    cures: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,7 +159,9 @@ class Recipe:
 
 @dataclass
 class RunResult:
-    """What one run produced (the first seven fields are the ``summary.json`` entry)."""
+    """What one run produced (the first seven fields are the ``summary.json`` entry; ``cures``, the
+    monitor's ``warnings`` (rule -> its plain-words message, the first time the rule fired) and the
+    autopilot's ``actions`` (its timeline) are stored beside them by :mod:`recipes.reports`)."""
 
     final_train_loss: float | None
     val_metric: float | None
@@ -170,6 +179,9 @@ class RunResult:
     ratios: list[tuple[int, float | None]] = field(default_factory=list)
     layer_norms: list[tuple[str, float]] = field(default_factory=list)
     log_dir: str | None = None
+    cures: str | None = None
+    warnings: dict[str, str] = field(default_factory=dict)
+    actions: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """The ``summary.json`` entry of this run."""
@@ -185,7 +197,9 @@ class RunResult:
 
     def diagnosis(self) -> str:
         """The monitor's flags raised during the run, in words."""
-        flags = [n for n, on in (("vanishing", self.vanishing), ("exploding", self.exploding)) if on]
+        seen = {"vanishing": self.vanishing, "exploding": self.exploding}
+        kinds = ("vanishing", "exploding", "diverging", "nonfinite")
+        flags = [k for k in kinds if seen.get(k) or k in self.warnings]
         return ", ".join(flags) or "-"
 
 

@@ -26,7 +26,8 @@ from recipes.data import make_datamodule, torchvision_available
 from recipes.registry import get_recipe
 from recipes.reports import format_number, layer_norms_from_events
 from recipes.spec import Preset, Recipe, RunResult
-from stability_callbacks import GradientMonitor, HistogramLogger
+from stability_callbacks import GradientMonitor, HistogramLogger, StabilityAutopilot
+from stability_callbacks.diagnosis import RULES, Diagnosis
 
 __all__ = ["RunRecorder", "progress_line", "quiet_lightning", "resolve_data", "run_variant"]
 
@@ -36,7 +37,9 @@ class RunRecorder(Callback):
 
     The losses stay on the device and are copied to the host every ``check_every`` steps in one
     transfer; a non-finite loss or one above ``bound`` sets ``trainer.should_stop``. The monitor's
-    diagnosis is a host object it already computed: reading it costs nothing.
+    diagnosis is a host object it already computed: reading it costs nothing. ``warnings`` keeps, for
+    each rule that fired during the run, the monitor's plain-words message at the first diagnosis that
+    reported it (what the monitor would have warned, without the warning being printed mid-run).
 
     Args:
         bound: training loss above which the run counts as diverged.
@@ -53,6 +56,7 @@ class RunRecorder(Callback):
         self.vanishing = False
         self.exploding = False
         self.ratios: list[tuple[int, float | None]] = []
+        self.warnings: dict[str, str] = {}
         self._pending: list[torch.Tensor] = []
         self._last_diag: Any = None
 
@@ -62,14 +66,23 @@ class RunRecorder(Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._pending.append(loss.detach().float().reshape(()))
-        diag = getattr(self.monitor, "last_diagnosis", None)
-        if diag is not None and diag is not self._last_diag:
-            self._last_diag = diag
-            self.ratios.append((trainer.global_step - 1, diag.depth_ratio))
-            self.vanishing |= bool(diag.vanishing)
-            self.exploding |= bool(diag.exploding)
+        self._read_diagnosis(trainer)
         if len(self._pending) >= self.check_every:
             self._check(trainer)
+
+    def _read_diagnosis(self, trainer: pl.Trainer) -> None:
+        diag: Diagnosis | None = getattr(self.monitor, "last_diagnosis", None)
+        if diag is None or diag is self._last_diag:
+            return
+        self._last_diag = diag
+        self.ratios.append((trainer.global_step - 1, diag.depth_ratio))
+        self.vanishing |= bool(diag.vanishing)
+        self.exploding |= bool(diag.exploding)
+        fired = [k for k in diag.first_flagged if k in RULES]
+        if diag.nonfinite_steps:
+            fired.append("nonfinite")
+        for kind in fired:
+            self.warnings.setdefault(kind, diag.message(kind))
 
     def _check(self, trainer: pl.Trainer) -> None:
         if not self._pending:
@@ -82,6 +95,7 @@ class RunRecorder(Callback):
             trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read_diagnosis(trainer)  # the monitor reads the last step once more at the end of the fit
         self._check(trainer)
 
 
@@ -183,7 +197,7 @@ def run_variant(
         seed=seed,
         data_dir=data_dir,
         download=download,
-        **pre.data_kwargs,
+        **{**pre.data_kwargs, **var.data},
     )
     monitor, library = _library_callbacks(pre, histograms=log_dir is not None)
     recorder = RunRecorder(rec.divergence_bound, check_every=min(10, steps), monitor=monitor)
@@ -260,6 +274,9 @@ def run_variant(
         losses=recorder.losses,
         ratios=recorder.ratios,
         log_dir=str(run_dir) if run_dir is not None else None,
+        cures=var.cures,
+        warnings=dict(recorder.warnings),
+        actions=[e for cb in callbacks if isinstance(cb, StabilityAutopilot) for e in cb.events],
     )
     if run_dir is not None:
         result.layer_norms = layer_norms_from_events(run_dir, model)

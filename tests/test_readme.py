@@ -1,4 +1,5 @@
-"""The README's plain-PyTorch example runs as written."""
+"""The README: its plain-PyTorch example runs as written, its result tables are the committed summaries
+rendered, and what it names exists."""
 
 from __future__ import annotations
 
@@ -52,9 +53,11 @@ def test_plain_pytorch_loop_example_runs_as_written(capsys: pytest.CaptureFixtur
 def test_deep_mlp_variant_count_matches_the_recipe() -> None:
     from recipes.runner import get_recipe
 
-    match = re.search(r"a sigmoid baseline and (\d+)\s+variants", README.read_text())
+    match = re.search(r"a deep MLP \((\d+) pathologies and (\d+)\s+variants", README.read_text())
     assert match is not None
-    assert int(match.group(1)) == len(get_recipe("deep_mlp").variants) - 1
+    variants = get_recipe("deep_mlp").variants
+    pathologies = {v.cures for v in variants.values() if v.cures}
+    assert (int(match.group(1)), int(match.group(2))) == (len(pathologies), len(variants) - len(pathologies))
 
 
 def test_every_test_file_the_readme_names_exists() -> None:
@@ -82,3 +85,28 @@ def test_guarantee_matrix_has_a_row_for_every_callback() -> None:
         if inspect.isclass(obj := getattr(stability_callbacks, name)) and issubclass(obj, Callback)
     }
     assert callbacks <= names, callbacks - names
+
+
+def test_readme_result_tables_are_the_committed_summaries_rendered() -> None:
+    # Every table of recipe results in the README is written by `python -m recipes demo --write-readme`
+    # (or `python -m recipes readme`) from recipes/results/<recipe>.json: a table edited by hand, a
+    # summary changed without rewriting the README, or a recipe without its section fails here.
+    from recipes import registry, reports
+
+    blocks = reports.readme_blocks(README.read_text())
+    assert list(blocks) == list(registry.RECIPES)
+    summaries = reports.load_results(registry.RECIPES)
+    for name, summary in summaries.items():
+        assert blocks[name] == reports.readme_section(summary), f"run: python -m recipes readme ({name})"
+
+
+def test_committed_summaries_are_of_the_recipes_as_they_are() -> None:
+    # A variant added, removed or given another `cures` since the summary was written: run the demo again.
+    from recipes import registry, reports
+
+    for name, summary in reports.load_results(registry.RECIPES).items():
+        rec = registry.get_recipe(name)
+        assert summary["recipe"] == name and summary["preset"] == "cpu"
+        assert list(summary["variants"]) == list(rec.variants), name
+        cures = {v: e["cures"] for v, e in summary["variants"].items()}
+        assert cures == {v: var.cures for v, var in rec.variants.items()}, name

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from recipes import cli, runner
+from recipes import cli, reports, runner
 from recipes.data import (
     AddingDataModule,
     DigitsDataModule,
@@ -28,7 +28,9 @@ from recipes.data import (
 from recipes.deep_mlp import DeepMLP, HighwayLayer, ResidualLayer
 from recipes.lstm import SequenceModel
 from recipes.resnet import CifarResNet, ResNetClassifier
-from recipes.spec import filter_third_party_warnings
+from recipes.spec import RunResult, filter_third_party_warnings
+from recipes.train import RunRecorder
+from stability_callbacks import GradientMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {
@@ -40,6 +42,7 @@ SUMMARY_KEYS = {
     "steps",
     "seconds",
 }
+ENTRY_KEYS = SUMMARY_KEYS | {"cures", "diagnosis", "warnings", "actions"}
 
 # -- data --------------------------------------------------------------------------------------------------
 
@@ -226,7 +229,7 @@ def test_unknown_names_raise(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="variant"):
         runner.run_variant("deep_mlp", "nope", log_dir=None)
     with pytest.raises(ValueError, match="recipe"):
-        runner.get_recipe("transformer")
+        runner.get_recipe("nosuch")
     with pytest.raises(ValueError, match="max_steps"):
         runner.run_variant("deep_mlp", "sigmoid", max_steps=0, log_dir=None)
 
@@ -248,7 +251,7 @@ def test_list_names_every_variant_with_a_description_and_every_command(
         assert f"{variant}  " in out and desc in out
     commands = out[out.index("commands (") :]
     listed = re.findall(r"^  (\S+)  ", commands, re.M)
-    assert listed == ["list", "run", "compare", "demo", "depth-table", "corrupted"]
+    assert listed == ["list", "run", "compare", "demo", "readme", "depth-table", "corrupted"]
     for name in listed:  # each is a real subcommand of the parser
         with pytest.raises(SystemExit) as exit_info:
             cli.build_parser().parse_args([name, "--help"])
@@ -265,7 +268,7 @@ def test_run_command_is_quiet_and_progress_brings_the_bar_back(
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert re.fullmatch(r"deep_mlp/relu_he seed0: 3 steps in \d+\.\d s, train loss \d\.\d+", lines[0])
-    assert lines[1].split()[:3] == ["variant", "train", "loss"] and "val_acc" in lines[1]
+    assert lines[1].split()[:4] == ["variant", "cures", "train", "loss"] and "val_acc" in lines[1]
     assert lines[-1].startswith("logs: ") and len(lines) == 5  # the line, the table (3 lines), the logs
     assert "Epoch" not in captured.out + captured.err and "it/s" not in captured.out + captured.err
     assert list((tmp_path / "deep_mlp" / "relu_he" / "seed0").glob("events.out.tfevents.*"))
@@ -281,8 +284,9 @@ def test_compare_writes_summary_files(tmp_path: Path, capsys: pytest.CaptureFixt
     summary = json.loads((tmp_path / "resnet" / "summary.json").read_text())
     assert summary["recipe"] == "resnet" and summary["seed"] == 3
     assert list(summary["variants"]) == list(runner.get_recipe("resnet").variants)
-    for entry in summary["variants"].values():
-        assert set(entry) == SUMMARY_KEYS
+    for name, entry in summary["variants"].items():
+        assert set(entry) == ENTRY_KEYS
+        assert entry["cures"] == runner.get_recipe("resnet").variants[name].cures
         assert isinstance(entry["diverged"], bool) and entry["steps"] == 2
         assert entry["val_metric_name"] == "val_acc"
         for key in ("final_train_loss", "val_metric", "depth_ratio"):
@@ -305,6 +309,131 @@ def test_depth_table_json(capsys: pytest.CaptureFixture[str]) -> None:
         assert r["steps"] == 2 and r["activation"] == "sigmoid"
     plain12, res12 = rows[2], rows[3]
     assert plain12["depth_ratio_init"] < res12["depth_ratio_init"]  # sigmoid vanishes without shortcuts
+
+
+# -- what the monitor said and the autopilot did; the README's generated sections -------------------------
+
+
+def test_recorder_keeps_the_monitor_warning_once_per_rule() -> None:
+    # The recorder reads the plain-words message from the monitor's diagnosis; it must be exactly the
+    # warning the same monitor prints when its warnings are on, and only once however long the rule holds.
+    monitor = GradientMonitor(log_every_n_steps=2, per_layer=False, warn=True)
+    recorder = RunRecorder(1e3, check_every=2, monitor=monitor)
+    pl.seed_everything(0, verbose=False)
+    model = DeepMLP(depth=30)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=12,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[monitor, recorder],
+    )
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", UserWarning)
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    printed = [str(w.message) for w in seen if str(w.message).startswith("GradientMonitor: ")]
+    assert list(recorder.warnings) == ["vanishing"]
+    assert printed == ["GradientMonitor: " + recorder.warnings["vanishing"]]
+    assert "vanishing toward the input" in recorder.warnings["vanishing"]
+
+
+def test_autopilot_run_reports_its_timeline(tmp_path: Path) -> None:
+    result = runner.run_variant("deep_mlp", "autopilot", max_steps=8, log_dir=None, progress=False)
+    assert result.warnings.get("vanishing")  # the baseline's gradients vanish before the autopilot acts
+    assert len(result.actions) >= 1 and "re-initialised" in result.actions[0]
+    lines = reports.format_table({"autopilot": result}).splitlines()
+    assert lines[3] == "" and lines[4].startswith("autopilot: GradientMonitor (vanishing): Gradients are")
+    said = [line for line in lines if line.startswith("autopilot: StabilityAutopilot: ")]
+    assert len(said) == len(result.actions) and result.actions[0].startswith(said[0][31:].split()[0])
+
+
+def _result(name: str, val: float, cures: str | None = None, **kw: Any) -> RunResult:
+    return RunResult(0.5, val, "val_acc", False, 1e-3, 10, 1.25, variant=name, cures=cures, **kw)
+
+
+def test_table_names_what_each_remedy_cures_beside_the_pathology_figure() -> None:
+    results = {
+        "sick": _result("sick", 0.1, vanishing=True, warnings={"vanishing": "Gradients are vanishing."}),
+        "fix": _result("fix", 0.9, cures="sick"),
+        "other": _result("other", 0.5),
+    }
+    text = reports.format_table(results).splitlines()
+    head = "variant | cures | train loss | val_acc | depth ratio | diagnosis | diverged | steps | seconds"
+    assert [c.strip() for c in head.split("|")] == [c.strip() for c in re.split(r"\s{2,}", text[0])]
+    assert text[2].split()[:3] == ["sick", "-", "0.500"] and "vanishing" in text[2]
+    assert text[3].split()[:5] == ["fix", "sick", "(0.100)", "0.500", "0.900"]
+    assert text[4].split()[:2] == ["other", "-"]
+    assert text[5:] == ["", "sick: GradientMonitor (vanishing): Gradients are vanishing."]
+    md = reports.format_table(results, markdown=True).splitlines()
+    assert md[3] == "| fix | sick (0.100) | 0.500 | 0.900 | 1.0e-03 | - | no | 10 | 1.2 |"
+    assert md[-1] == "- `sick` GradientMonitor (vanishing): Gradients are vanishing."
+    assert reports.format_table(results, notes=False).count("\n") == 4
+
+
+def _summary(recipe: str, val: float) -> dict[str, Any]:
+    entry = reports.summary_entry(_result("a", val))
+    return {"recipe": recipe, "seed": 0, "preset": "cpu", "variants": {"a": entry}}
+
+
+def test_update_readme_rewrites_and_appends_generated_sections() -> None:
+    begin, end = reports.readme_markers("one")
+    text = f"intro\n\n{begin}\nold table\n{end}\n\nafter\n"
+    new = reports.update_readme(text, {"one": _summary("one", 0.25), "two": _summary("two", 0.75)})
+    blocks = reports.readme_blocks(new)
+    assert list(blocks) == ["one", "two"]
+    assert blocks["one"] == reports.readme_section(_summary("one", 0.25)) and "0.250" in blocks["one"]
+    assert "| a | - | 0.500 | 0.750 |" in blocks["two"]
+    assert new.startswith("intro\n\n" + begin) and new.endswith(
+        reports.readme_markers("two")[1] + "\n\nafter\n"
+    )
+    assert reports.update_readme(new, {"one": _summary("one", 0.25)}) == new  # idempotent
+    with pytest.raises(ValueError, match="no generated section"):
+        reports.update_readme("no markers here", {"one": _summary("one", 0.25)})
+
+
+def test_readme_command_rewrites_and_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in runner.RECIPES:
+        (results / f"{name}.json").write_text(json.dumps(_summary(name, 0.5)))
+    readme = tmp_path / "README.md"
+    begin, end = reports.readme_markers(runner.RECIPES[0])
+    readme.write_text(f"# title\n{begin}\nstale\n{end}\n")
+    args = ["readme", "--readme", str(readme), "--results-dir", str(results)]
+    assert cli.main([*args, "--check"]) == 1
+    assert "differ from their summaries: " + ", ".join(runner.RECIPES) in capsys.readouterr().out
+    assert readme.read_text() == f"# title\n{begin}\nstale\n{end}\n"  # --check changes nothing
+    assert _main(args, capsys).startswith("README sections rewritten: " + ", ".join(runner.RECIPES))
+    assert list(reports.readme_blocks(readme.read_text())) == list(runner.RECIPES)
+    assert _main([*args, "--check"], capsys) == "README tables match the committed summaries\n"
+    assert _main(args, capsys) == "README sections rewritten: none (unchanged)\n"
+
+
+@pytest.mark.slow  # every deep_mlp variant, two steps each
+def test_demo_write_readme_stores_the_summaries_it_renders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = tmp_path / "README.md"
+    begin, end = reports.readme_markers("deep_mlp")
+    readme.write_text(f"{begin}\n{end}\n")
+    results = tmp_path / "results"
+    runner.demo(
+        max_steps=2,
+        log_dir=tmp_path / "logs",
+        recipes=["deep_mlp"],
+        write_readme=True,
+        readme=readme,
+        results_dir=results,
+    )
+    out = capsys.readouterr().out
+    committed = json.loads((results / "deep_mlp.json").read_text())
+    assert committed == json.loads((tmp_path / "logs" / "deep_mlp" / "summary.json").read_text())
+    assert list(committed["variants"]) == list(runner.get_recipe("deep_mlp").variants)
+    assert reports.readme_blocks(readme.read_text()) == {"deep_mlp": reports.readme_section(committed)}
+    assert "README sections rewritten: deep_mlp" in out
 
 
 # -- usage errors: exit status 2, a message, no traceback, nothing trained ----------------------------------
@@ -358,6 +487,18 @@ USAGE_ERRORS = [
     (["depth-table", "--depths", "4,x"], "argument --depths: expected comma-separated integers"),
     (["depth-table", "--activations", "relu,nosuch"], "argument --activations: `activation` must be one of"),
     (["depth-table", "--steps", "0"], "argument --steps: expected an integer >= 1"),
+    (["demo", "--recipes", "deep_mlp,nosuch"], "argument --recipes: unknown recipe 'nosuch'"),
+    (
+        ["demo", "--write-readme", "--max-steps", "5"],
+        "argument --write-readme: the README shows the presets' budgets",
+    ),
+    (["demo", "--write-readme", "--readme", "{tmp}/none.md"], "argument --readme: no file"),
+    (
+        ["demo", "--write-readme", "--readme", "{tmp}/file"],
+        "argument --readme: '{tmp}/file' has no generated",
+    ),
+    (["readme", "--recipes", "nosuch"], "argument --recipes: unknown recipe 'nosuch'"),
+    (["readme", "--results-dir", "{tmp}"], "argument --results-dir: no summary {tmp}/deep_mlp.json"),
 ]
 
 
@@ -379,6 +520,7 @@ def test_bad_arguments_are_usage_errors_before_anything_trains(
     assert exit_info.value.code == 2
     assert fits == []
     assert captured.err.startswith("usage: python -m recipes " + argv[0])
+    message = message.replace("{tmp}", str(tmp_path))
     assert f"python -m recipes {argv[0]}: error: {message}" in captured.err
     assert "Traceback" not in captured.err and captured.out == ""
 
@@ -416,7 +558,7 @@ CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 def test_cli_config_fits_with_the_cpu_presets_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: Path
 ) -> None:
-    module = {"deep": "deep_mlp", "resn": "resnet", "lstm": "lstm"}[config.stem[:4]]
+    module = {"deep": "deep_mlp", "resn": "resnet", "lstm": "lstm", "tran": "transformer"}[config.stem[:4]]
     cli_main = importlib.import_module(f"recipes.{module}").cli_main
     monkeypatch.setattr(sys, "argv", [f"python -m recipes.{module}"])  # the arguments come from `args`
     threads_in_fit: list[int] = []

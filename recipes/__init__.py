@@ -1,13 +1,15 @@
 """Recipes: LightningModules, data and variant tables that show unstable gradients and their remedies.
 
-Three recipes, each a model plus a table of named variants (the pathology and each remedy), built only
-from ``stability_callbacks`` callbacks and model flags:
+Four recipes, each a model plus a table of named variants (the pathologies and the remedies, each
+remedy naming the pathology it cures), built only from ``stability_callbacks`` callbacks and model flags:
 
-- ``deep_mlp``: a 30-layer sigmoid MLP whose gradients vanish, and 16 variants that change one thing;
+- ``deep_mlp``: deep sigmoid and tanh MLPs whose gradients vanish, and variants that change one thing;
 - ``resnet``: a plain deep CNN against its residual twin (He et al. 2016), InitSwap and a
   normalisation-free net with AGC;
 - ``lstm``: a vanilla RNN whose gradients vanish or explode on the adding problem, the LSTM, the GRU and
-  three gradient clippers.
+  the gradient clippers on an exploding RNN;
+- ``transformer``: a small byte-level decoder-only language model (pre-/post-LN, QK-norm) at a high
+  learning rate, with warm-up, ZClip and the autopilot.
 
 ``corrupted`` feeds one bad batch to a healthy run, with and without ``StabilityAutopilot``.
 

@@ -111,6 +111,29 @@ def count_host_syncs() -> Iterator[SyncCounter]:
             setattr(torch.Tensor, name, original)
 
 
+@contextmanager
+def host_syncs_per_step(callback: Any) -> Iterator[list[list[str]]]:
+    """Record, for each call of ``callback.on_before_optimizer_step`` inside the ``with`` block, the
+    host copies it made (a list of method names per optimizer step)."""
+    per_step: list[list[str]] = []
+    original = callback.on_before_optimizer_step
+    with count_host_syncs() as counter:
+
+        def counted(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+            counter.calls, counter.active = [], True
+            try:
+                original(trainer, pl_module, optimizer)
+            finally:
+                counter.active = False
+                per_step.append(list(counter.calls))
+
+        callback.on_before_optimizer_step = counted
+        try:
+            yield per_step
+        finally:
+            callback.on_before_optimizer_step = original
+
+
 @pytest.fixture
 def mlp() -> MLPModule:
     torch.manual_seed(0)

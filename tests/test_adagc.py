@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import MLPModule, count_host_syncs, make_loader, make_trainer
+from conftest import MLPModule, host_syncs_per_step, make_loader, make_trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
@@ -205,19 +205,7 @@ def test_callback_applies_the_rule_per_parameter_in_a_fit(tmp_path: Path) -> Non
 
 def test_logs_on_logging_steps_and_never_syncs_otherwise(tmp_path: Path) -> None:
     callback = AdaGC(warmup_steps=2, log_every_n_steps=3)
-    calls_per_step: list[list[str]] = []
-    original = callback.on_before_optimizer_step
-    with count_host_syncs() as counter:
-
-        def counted(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-            counter.calls, counter.active = [], True
-            try:
-                original(trainer, pl_module, optimizer)
-            finally:
-                counter.active = False
-                calls_per_step.append(list(counter.calls))
-
-        callback.on_before_optimizer_step = counted  # type: ignore[method-assign]
+    with host_syncs_per_step(callback) as calls_per_step:
         trainer = make_trainer(
             tmp_path, max_steps=7, max_epochs=None, logger=CSVLogger(tmp_path), callbacks=[callback]
         )

@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import MLPModule, count_host_syncs, make_loader, make_trainer
+from conftest import MLPModule, host_syncs_per_step, make_loader, make_trainer
 from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn
@@ -162,19 +162,7 @@ def test_under_a_grad_scaler_inf_steps_are_the_scalers(tmp_path: Path) -> None:
 
 def test_one_host_read_per_step(tmp_path: Path) -> None:
     guard = NonFiniteGuard("skip")
-    calls: list[list[str]] = []
-    original = guard.on_before_optimizer_step
-    with count_host_syncs() as counter:
-
-        def counted(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-            counter.calls, counter.active = [], True
-            try:
-                original(trainer, pl_module, optimizer)
-            finally:
-                counter.active = False
-                calls.append(list(counter.calls))
-
-        guard.on_before_optimizer_step = counted  # type: ignore[method-assign]
+    with host_syncs_per_step(guard) as calls:
         make_trainer(tmp_path, max_steps=4, max_epochs=None, callbacks=[guard]).fit(
             MLPModule(), make_loader()
         )

@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import MLPModule, count_host_syncs, make_loader, make_trainer
+from conftest import MLPModule, host_syncs_per_step, make_loader, make_trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
@@ -205,19 +205,7 @@ class ResetOnDemand(pl.Callback):
 def test_on_demand_reset_in_a_fit_and_logging_without_host_syncs(tmp_path: Path) -> None:
     callback = MomentReset(interval=5, theta=5000.0, clip_delay=2, log_every_n_steps=3)
     demand = ResetOnDemand(callback, at=7)
-    calls_per_step: list[list[str]] = []
-    original = callback.on_before_optimizer_step
-    with count_host_syncs() as counter:
-
-        def counted(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-            counter.calls, counter.active = [], True
-            try:
-                original(trainer, pl_module, optimizer)
-            finally:
-                counter.active = False
-                calls_per_step.append(list(counter.calls))
-
-        callback.on_before_optimizer_step = counted  # type: ignore[method-assign]
+    with host_syncs_per_step(callback) as calls_per_step:
         trainer = make_trainer(
             tmp_path, max_steps=12, max_epochs=None, logger=CSVLogger(tmp_path), callbacks=[callback, demand]
         )

@@ -13,7 +13,8 @@ SGD with momentum and a cosine schedule) on the embedded digits, ``--steps`` opt
 - ``drift``: the learning rate grows by 3% a step from there on, a slow drift to divergence;
 
 and ``clean`` is the run without a fault. Each is trained with nothing added, with
-``StabilityAutopilot(verbose=False)``, with ZClip alone, with a fixed ``NormClip(1.0)`` and with
+``StabilityAutopilot(watch_updates=True, verbose=False)`` (the update-ratio watch is what meets the
+drift), with ZClip alone, with a fixed ``NormClip(1.0)`` and with
 Lightning's ``SpikeDetection`` (which stops the run on a spike). For each the table gives the step the
 remedy first acted at relative to the fault (0: at the faulty step itself, before its update), the
 optimizer steps lost (skipped, undone by a rollback, or never run after a halt), the final training loss
@@ -139,7 +140,8 @@ class Acted(Callback):
     def _count(self) -> float:
         r = self.remedy
         if isinstance(r, StabilityAutopilot):
-            return float(r.skipped + r.rollbacks + r.moment_resets)
+            warnings = sum("[early warning]" in e for e in r.events)
+            return float(r.skipped + r.rollbacks + r.moment_resets + warnings)
         if r is not None and hasattr(r, "clipped_steps"):
             return float(r.clipped_steps)  # type: ignore[attr-defined]
         return 0.0
@@ -195,7 +197,7 @@ class HostReads:
 
 def remedy(name: str) -> Callback | None:
     if name == "autopilot":
-        return StabilityAutopilot(verbose=False)
+        return StabilityAutopilot(watch_updates=True, verbose=False)
     if name == "ZClip":
         return ZClip()
     if name == "NormClip(1.0)":

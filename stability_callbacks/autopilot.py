@@ -13,13 +13,11 @@ through their public per-step calls only (:meth:`NonFiniteGuard.guard`, :meth:`C
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -46,6 +44,7 @@ from stability_callbacks.skip_step import OutlierStepTest, SkipDecision, StepUnd
 from stability_callbacks.snapshots import Snapshot, SnapshotRing
 from stability_callbacks.spikes import LossSpikeDetector
 from stability_callbacks.stats import total_norm
+from stability_callbacks.step_flags import StepFlags, read_step_flags
 from stability_callbacks.update_monitor import UpdateMonitor
 
 __all__ = ["LossSpikeDetector", "RollbackLimitError", "Snapshot", "SnapshotRing", "StabilityAutopilot"]
@@ -62,11 +61,14 @@ class StabilityAutopilot(CompositeCallback):
 
     It changes gradients (it clips and skips), so a :class:`~stability_callbacks.GradientMonitor` goes
     before it in ``Trainer(callbacks=[...])``. It owns these callbacks (do not add them as well):
-    ``reinit`` (:class:`~stability_callbacks.init.InitSwap`, ``when="on_vanishing"``: one host read a
-    step while it watches the first ``reinit_watch_steps`` steps), ``guard``
-    (:class:`~stability_callbacks.guard.NonFiniteGuard`, one host read a step), ``clipper`` (``"zclip"``,
-    ``"autoclip"``, ``"agc"``, ``"adagc"``, a clipping callback, or ``None``) and, with
-    ``watch_updates=True``, ``updates`` (:class:`~stability_callbacks.update_monitor.UpdateMonitor`).
+    ``reinit`` (:class:`~stability_callbacks.init.InitSwap`, ``when="on_vanishing"``, watching the first
+    ``reinit_watch_steps`` steps), ``guard`` (:class:`~stability_callbacks.guard.NonFiniteGuard`),
+    ``clipper`` (``"zclip"``, ``"autoclip"``, ``"agc"``, ``"adagc"``, a clipping callback, or ``None``)
+    and, with ``watch_updates=True``, ``updates``
+    (:class:`~stability_callbacks.update_monitor.UpdateMonitor`). Their verdicts are read to the host
+    together, once a step, before the optimizer step
+    (:func:`~stability_callbacks.step_flags.read_step_flags`; not at all without ``guard``, ``reinit``
+    and ``rollback``).
 
     **Skip** (``skip_outliers``): before each optimizer step the step's loss (the sum of the
     micro-batch losses given to ``backward``, averaged over ranks) and its total gradient norm are
@@ -78,16 +80,19 @@ class StabilityAutopilot(CompositeCallback):
 
     **Rollback** (``rollback=True``): a :class:`SnapshotRing` keeps model and optimizer state every
     ``snapshot_every_n_steps`` steps, recent ones dense and older ones sparse, within ``max_snapshots``
-    and ``snapshot_budget_bytes``. Once a step, one host read of the step's flags (agreed across ranks)
-    drives the ladder: ``reset_moments_after`` skipped steps in a row reset Adam's moments; a loss spike
+    and ``snapshot_budget_bytes``. The step's flags, read before it (agreed across ranks), drive the
+    ladder after it: ``reset_moments_after`` skipped steps in a row reset Adam's moments; a loss spike
     on an accepted step (:class:`LossSpikeDetector`) or ``max_consecutive_skips`` skipped steps in a row
     restore the newest snapshot taken before the trouble (weights, optimizer state, statistics; the
     step counter and the data stream go on), multiply the learning rate by ``lr_factor`` for
     ``cooldown_steps`` steps (around ``optimizer.step()`` only: schedulers see the unscaled rates), and
     remember the ``(epoch, batch_idx)`` of the batches involved, whose steps are skipped if they come
-    again. A sustained jump of the update-to-weight ratio (``watch_updates``) resets the moments and
-    starts a cooldown. Under ``ModelParallelStrategy`` (FSDP2, tensor parallel) snapshots hold each
-    rank's shards and restore them exactly. Without ``rollback`` only the skip and the clipper act, and
+    again. A sustained jump of the update-to-weight ratio (``watch_updates``: above ``update_factor``
+    times its running median three sampled steps in a row, read with the next step's flags) is an early
+    warning: it resets the moments and starts a cooldown, compounded with one in force, so a learning
+    rate that drifts upwards is pulled back each time the ratio runs away again. Under
+    ``ModelParallelStrategy`` (FSDP2, tensor parallel) snapshots hold each rank's shards and restore
+    them exactly. Without ``rollback`` only the skip and the clipper act, and
     skips are reported on logging steps.
 
     Every action is explained once on rank zero (a warning) and added to the TensorBoard text
@@ -110,6 +115,8 @@ class StabilityAutopilot(CompositeCallback):
             batches is skipped and nothing more).
         reset_moments_after: skipped steps in a row that reset Adam's moments (``None``: never).
         watch_updates: watch the update-to-weight ratio and act on a sustained jump.
+        update_factor: how many times its running median the ratio must exceed, three sampled steps in a
+            row, to be a jump (> 1; :class:`~stability_callbacks.update_monitor.UpdateMonitor`'s ``factor``).
         lr_factor: learning-rate factor after a rollback, in (0, 1].
         cooldown_steps: optimizer steps the factor holds (>= 0).
         max_rollbacks: rollbacks allowed before :class:`RollbackLimitError` (>= 0).
@@ -163,6 +170,7 @@ class StabilityAutopilot(CompositeCallback):
         max_consecutive_skips: int = 8,
         reset_moments_after: int | None = 4,
         watch_updates: bool = False,
+        update_factor: float = 1.5,
         lr_factor: float = 0.5,
         cooldown_steps: int = 100,
         max_rollbacks: int = 3,
@@ -187,6 +195,7 @@ class StabilityAutopilot(CompositeCallback):
         check_int("cooldown_steps", cooldown_steps, 0)
         check_int("max_rollbacks", max_rollbacks, 0)
         check_number("lr_factor", lr_factor, 0, 1, low_open=True)
+        check_number("update_factor", update_factor, 1, low_open=True)
         check_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         self.ring = SnapshotRing(
             snapshot_every_n_steps, max_snapshots, snapshot_device, snapshot_budget_bytes
@@ -207,7 +216,9 @@ class StabilityAutopilot(CompositeCallback):
         if clipper is not None:
             self.children["clipper"] = _CLIPPERS[clipper]() if isinstance(clipper, str) else clipper
         if watch_updates:
-            self.children["updates"] = UpdateMonitor(log_every_n_steps=log_every_n_steps, per_layer=False)
+            self.children["updates"] = UpdateMonitor(
+                log_every_n_steps=log_every_n_steps, per_layer=False, factor=update_factor
+            )
         self.clips_gradients = "clipper" in self.children
         self.skip_outliers = skip_outliers
         self.rollback = rollback
@@ -228,14 +239,13 @@ class StabilityAutopilot(CompositeCallback):
         # per-run
         self._window_open = False
         self._window_batches: list[int] = []
-        self._window_loss: Tensor | None = None  # training_step's loss, summed over the micro-batches
         self._step_loss: Tensor | None = None  # the losses given to backward, summed
-        self._decision: SkipDecision | None = None
+        self._flags: StepFlags | None = None  # the step's flags, read before it, acted on after it
+        self._jump_step = -1  # the last measured step whose update-ratio jump was read
         self._guard_skipped = False
         self._stepped = False
         self._skip_window = False
         self._force_snapshot = True
-        self._warned_no_loss = False
         self._reported_outliers = 0.0
         self._global_step = 0
 
@@ -250,7 +260,7 @@ class StabilityAutopilot(CompositeCallback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_decision=None, undo=StepUndo())
+        state.update(undo=StepUndo())
         return state
 
     # -- properties users read ------------------------------------------------------------------------
@@ -339,7 +349,7 @@ class StabilityAutopilot(CompositeCallback):
         if not self._window_open:  # first micro-batch of an optimizer step
             self._window_open = True
             self._window_batches = []
-            self._window_loss = self._step_loss = None
+            self._step_loss = None
             self._skip_window = False
             due = self._force_snapshot or self.ring.due(step)
             if self.rollback and due and self.ladder.consecutive == 0:  # no snapshot of a run in trouble
@@ -356,9 +366,8 @@ class StabilityAutopilot(CompositeCallback):
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         super().on_before_backward(trainer, pl_module, loss)  # the forward pass is over
-        if self.skip_outliers:
-            value = loss.detach().reshape(()).float()
-            self._step_loss = value if self._step_loss is None else self._step_loss + value
+        value = loss.detach().reshape(()).float()  # already divided by the accumulation steps
+        self._step_loss = value if self._step_loss is None else self._step_loss + value
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -376,14 +385,7 @@ class StabilityAutopilot(CompositeCallback):
                     f"{self._window_batches} of epoch {trainer.current_epoch}, which caused an earlier "
                     "rollback.",
                 )
-        norm = self._step_children(trainer, pl_module, optimizer)
-        if self.skip_outliers and norm is not None:
-            loss = self._step_loss if self._step_loss is not None else norm.new_ones(())
-            loss = trainer.strategy.reduce(loss.to(norm.device), reduce_op="mean")  # every rank's loss
-            self._decision = self.skip_test.judge(loss, norm)
-            self.undo.before_step(optimizer, self._decision.skip)
-            self.outlier_count = self.outlier_count.to(norm.device)
-            self.outlier_count.add_((self._decision.skip & ~self._decision.nonfinite).double())
+        self._flags = self._step_children(trainer, pl_module, optimizer)
         reinit = self.children.get("reinit")
         if isinstance(reinit, InitSwap) and reinit.applied and not self.reinit_done:
             self.reinit_done = True
@@ -403,78 +405,100 @@ class StabilityAutopilot(CompositeCallback):
 
     def _step_children(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> Tensor | None:
-        """The children's step: the guard, a library clipper and the skip test share one gathering of
-        the gradients and one total norm (taken before clipping); any other child gets the hook as it is.
-        Returns that norm, or ``None`` when there are no gradients (or the guard dropped them)."""
-        self._guard_skipped = False
+    ) -> StepFlags | None:
+        """The children's step around the step's one host read.
+
+        The re-initialisation watch, the guard's non-finite check, the outlier test and the loss-spike
+        detector leave their verdicts on the device; :func:`read_step_flags` reads them together (agreed
+        across ranks). Then the re-initialisation or the guard acts, a library clipper clips with the
+        same total norm (taken before clipping), and an outlier step is set to be undone; any other
+        child gets the hook as it is. Returns the flags, or ``None`` when there was nothing to judge.
+        """
+        reinit, guard, clipper = (self.children.get(k) for k in ("reinit", "guard", "clipper"))
+        vanishing = reinit.watch(trainer, pl_module, optimizer) if isinstance(reinit, InitSwap) else None
         params, grads = optimizer_grads(optimizer)
-        guard, clipper = self.children.get("guard"), self.children.get("clipper")
-        shared = [c for c in (guard, clipper) if isinstance(c, (NonFiniteGuard, ClippingCallback))]
-        norm = total_norm(grads) if grads and (shared or self.skip_outliers) else None
+        shared = [
+            c for c in (reinit, guard, clipper) if isinstance(c, (InitSwap, NonFiniteGuard, ClippingCallback))
+        ]
+        self._guard_skipped = False
+        flags: StepFlags | None = None
+        decision: SkipDecision | None = None
+        if grads:
+            norm = total_norm(grads)
+            loss = self._step_loss if self._step_loss is not None else norm.new_ones(())
+            loss = trainer.strategy.reduce(loss.to(norm.device), reduce_op="mean")  # every rank's loss
+            decision = self.skip_test.judge(loss, norm) if self.skip_outliers else None
+            outlier = decision.skip & ~decision.nonfinite if decision is not None else None
+            spike = None
+            if self.rollback and self._step_loss is not None and not self._skip_window:
+                spike = self.detector.observe(loss)  # a skipped step is not judged
+                spike = spike & ~outlier if outlier is not None else spike  # an outlier leaves no damage
+            if isinstance(guard, NonFiniteGuard) or vanishing is not None or self.rollback:
+                flags = read_step_flags(
+                    trainer.strategy,
+                    norm.device,
+                    nonfinite=~torch.isfinite(norm),
+                    vanishing=vanishing,
+                    outlier=outlier,
+                    spiked=spike,
+                    jumped=self._new_jump(),
+                    loss_score=decision.loss_score if decision is not None else None,
+                    norm_score=decision.norm_score if decision is not None else None,
+                )
+            if isinstance(reinit, InitSwap) and flags is not None and flags.vanishing:
+                reinit.reinitialise(trainer, pl_module)  # drops this step's gradients
+                return flags
+            if isinstance(guard, NonFiniteGuard) and flags is not None:
+                self._guard_skipped = guard.act(trainer, pl_module, params, flags.nonfinite).skipped
+            if isinstance(clipper, ClippingCallback) and not self._guard_skipped:
+                clipper.clip(trainer, pl_module, params, grads, norm)
         for child in self.children.values():  # in order: re-initialisation, guard, clipper, updates
             if child not in shared:
                 child.on_before_optimizer_step(trainer, pl_module, optimizer)
-            elif norm is None or self._guard_skipped:
-                continue
-            elif isinstance(child, NonFiniteGuard):
-                self._guard_skipped = child.guard(trainer, pl_module, params, norm).skipped
-            elif isinstance(child, ClippingCallback):
-                child.clip(trainer, pl_module, params, grads, norm)
-        return None if self._guard_skipped else norm
+        if decision is not None and not self._guard_skipped:
+            self.undo.before_step(optimizer, decision.skip)
+            self.outlier_count = self.outlier_count.to(decision.skip.device)
+            self.outlier_count.add_((decision.skip & ~decision.nonfinite).double())
+        return flags
+
+    def _new_jump(self) -> Tensor | None:
+        """The update monitor's jump flag, once per measured step (it is measured after the step, so the
+        ladder sees it with the next step's flags)."""
+        updates = self.children.get("updates")
+        result = updates.last_result if isinstance(updates, UpdateMonitor) else None
+        if result is None or result.step <= self._jump_step:
+            return None
+        self._jump_step = result.step
+        return result.jump
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._forward("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
         self._global_step = trainer.global_step
-        if self.rollback:
-            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-            if isinstance(loss, Tensor):
-                value = loss.detach().reshape(()).float()
-                self._window_loss = value if self._window_loss is None else self._window_loss + value
-            elif not self._warned_no_loss:
-                self._warned_no_loss = True
-                rank_zero_warn(
-                    "StabilityAutopilot: training_step returned no loss; the loss-spike check is off."
-                )
         if not self._stepped:
             return
         # an optimizer step has just ended (trainer.global_step counts it already)
         self._stepped = False
         self._window_open = False
-        decision, self._decision = self._decision, None
-        if self.rollback:
-            self._judge_step(trainer, pl_module, decision)
+        flags, self._flags = self._flags, None
+        if self.rollback and flags is not None:
+            self._escalate(trainer, pl_module, flags)
 
-    def _judge_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: SkipDecision | None
-    ) -> None:
-        """The ladder after a step: one host read of the step's flags, agreed across ranks."""
+    def _escalate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, flags: StepFlags) -> None:
+        """The ladder after a step, from the flags read before it."""
         step = trainer.global_step - 1
         window = [(trainer.current_epoch, b) for b in self._window_batches]
-        device = decision.skip.device if decision is not None else torch.device("cpu")
-        zero = torch.zeros((), device=device)
-        outlier = (decision.skip & ~decision.nonfinite).float() if decision is not None else zero
-        spike = zero
-        if self._window_loss is not None and not self._skip_window:  # a skipped step is not judged
-            observed = self.detector.observe(self._window_loss / len(self._window_batches)).float().to(device)
-            spike = torch.where(outlier > 0, zero, observed)  # an outlier step left no damage to judge
-        updates = self.children.get("updates")
-        result = updates.last_result if isinstance(updates, UpdateMonitor) else None
-        jump = result.jump.float().to(device) if result is not None and result.step == step else zero
-        scores = (decision.loss_score, decision.norm_score) if decision is not None else (zero, zero)
-        flags = torch.stack([spike, outlier, jump, scores[0].to(device), scores[1].to(device)])
-        flags = trainer.strategy.reduce(flags, reduce_op="mean")
-        spiked, skipped, jumped, loss_z, norm_z = flags.tolist()  # the step's one host read
-        if skipped > 0:
+        if flags.outlier:
             self._explain(
                 trainer,
-                f"step {trainer.global_step}: [skip] step {step} was an outlier (loss {loss_z:.1f}, "
-                f"gradient norm {norm_z:.1f} robust standard deviations above the median of the recent "
-                "steps): skipped before the update, weights and optimizer state untouched.",
+                f"step {trainer.global_step}: [skip] step {step} was an outlier (loss "
+                f"{flags.loss_score:.1f}, gradient norm {flags.norm_score:.1f} robust standard deviations "
+                "above the median of the recent steps): skipped before the update, weights and optimizer "
+                "state untouched.",
             )
-        action = self.ladder.observe(step, window, skipped > 0 or self._guard_skipped, spiked > 0, jumped > 0)
+        skipped = flags.outlier or self._guard_skipped or (flags.nonfinite and self.skip_outliers)
+        action = self.ladder.observe(step, window, skipped, flags.spiked, flags.jumped)
         if action is None:
             return
         if action.rung == "rollback":

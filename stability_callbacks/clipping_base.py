@@ -39,10 +39,11 @@ __all__ = [
 ]
 
 
-def check_clipping_setup(trainer: pl.Trainer, name: str, dtensor_ok: bool = True) -> None:
+def check_clipping_setup(trainer: pl.Trainer, name: str) -> None:
     """Raise a clear error where a clipping callback cannot be correct (called at setup).
 
-    ``dtensor_ok``: the callback is exact on DTensor gradients (``ModelParallelStrategy``).
+    The clippers are exact on the DTensor gradients of ``ModelParallelStrategy``; FSDP1 and DeepSpeed,
+    whose gradients are flat shards, are refused.
     """
     clip_val = getattr(trainer, "gradient_clip_val", None)
     if clip_val:
@@ -54,11 +55,8 @@ def check_clipping_setup(trainer: pl.Trainer, name: str, dtensor_ok: bool = True
         trainer,
         name,
         "each rank holds a shard of the gradients, so the local norms are not the global ones",
-        "Use DDP, or ModelParallelStrategy (FSDP2, tensor parallel): it clips DTensor gradients exactly."
-        if dtensor_ok
-        else "Use DDP, or ZClip, AutoClip or NormClip, which clip the DTensor gradients of "
-        "ModelParallelStrategy exactly.",
-        dtensor_ok=dtensor_ok,
+        "Use DDP, or ModelParallelStrategy (FSDP2, tensor parallel): it clips DTensor gradients exactly.",
+        dtensor_ok=True,
     )
 
 
@@ -104,7 +102,6 @@ class ClippingCallback(StabilityCallback):
 
     modifies_gradients = True
     clips_gradients = True
-    supports_dtensor = True  # exact on the DTensor gradients of ModelParallelStrategy
 
     def __init__(self, log_every_n_steps: int | None = None) -> None:
         super().__init__()
@@ -133,7 +130,7 @@ class ClippingCallback(StabilityCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            check_clipping_setup(trainer, type(self).__name__, self.supports_dtensor)
+            check_clipping_setup(trainer, type(self).__name__)
             check_one_clipper(trainer, self)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

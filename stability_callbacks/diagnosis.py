@@ -354,6 +354,20 @@ class GradientDiagnostician:
 
     # -- reading -----------------------------------------------------------------------------------
 
+    @property
+    def steps_observed(self) -> int:
+        """Optimizer steps given to :meth:`observe` so far."""
+        return self._calls
+
+    def flag(self, rule: str) -> Tensor:
+        """Whether ``rule`` (one of :data:`RULES`) is on: a 0-d bool tensor on the device (no host sync;
+        ``False`` on the CPU before the first step)."""
+        if rule not in RULES:
+            raise ValueError(f"`rule` must be one of {RULES}, got {rule!r}")
+        if self.rules is None:
+            return torch.zeros((), dtype=torch.bool)
+        return self.rules[RULES.index(rule), _FLAG] > 0
+
     def readout(self) -> Tensor:
         """The rules and statistics as one 1-d tensor on the device, for one host copy (empty before
         the first step)."""

@@ -136,7 +136,14 @@ class NonFiniteGuard(StabilityCallback):
         """
         flag = (~torch.isfinite(norm)).float()
         flag = trainer.strategy.reduce(flag, reduce_op="sum")  # every rank sees every rank's flag
-        bad = bool(flag.item() > 0)
+        return self.act(trainer, pl_module, params, bool(flag.item() > 0))
+
+    def act(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], bad: bool
+    ) -> GuardResult:
+        """Act on a decision already read on the host: ``bad`` is whether any rank's gradients of
+        ``params`` are non-finite (the same on every rank). For a composing callback that reads this
+        flag together with its own in one host copy; :meth:`guard` reads it and calls this."""
         dropped = False
         if bad:
             self.consecutive += 1

@@ -41,6 +41,7 @@ from stability_callbacks._trainer import (
     tensorboard_writer,
 )
 from stability_callbacks.activation_graph import following_activations, registration_activations
+from stability_callbacks.diagnosis import pick_endpoints
 from stability_callbacks.forward_recorder import ForwardRecorder, eager_compiled
 from stability_callbacks.init_report import InitRecord, InitReport
 from stability_callbacks.init_schemes import NORMAL_STD, SCHEMES, Activation, activation_gain, init_tensor_
@@ -247,6 +248,8 @@ class InitSwap(StabilityCallback):
         self._lsuv_report: InitReport | None = None
         self._lsuv_why = ""
         self._lsuv_ran = False
+        # the watched step's layer names, norms and endpoints, kept for the report if it acts
+        self._watched: tuple[list[str], Tensor, Tensor, list[bool], tuple[int, int] | None, int] | None = None
         self._eager: ExitStack | None = None
         self._warned: set[str] = set()
 
@@ -480,11 +483,27 @@ class InitSwap(StabilityCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        vanishing = self.watch(trainer, pl_module, optimizer)
+        if vanishing is not None and trainer.strategy.reduce(vanishing, reduce_op="sum").item() > 0:
+            self.reinitialise(trainer, pl_module)  # the watch window's one host read a step is above
+
+    def watch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> Tensor | None:
+        """The step of ``on_before_optimizer_step`` up to its decision, public so that a composing callback
+        can read the decision together with its own flags.
+
+        Completes a pending LSUV or first-step initialisation; while ``when="on_vanishing"`` watches,
+        observes this step's gradient norms on the device and returns the vanishing flag (a 0-d float
+        tensor, 1.0 once gradients vanished for ``patience`` steps; no host sync). Returns ``None`` when
+        there is nothing to decide. When the flag is set on any rank, call :meth:`reinitialise`.
+        """
         self._order.stop()
         self._end_forward()
+        self._watched = None
         if self._lsuv is not None and self._lsuv_ran:
             self._finish_lsuv(trainer, pl_module)
-            return
+            return None
         if self._step_end:
             self._step_end = False
             report = self._apply(
@@ -496,20 +515,32 @@ class InitSwap(StabilityCallback):
             )
             if report.modified:
                 self._drop_step(trainer, pl_module)
-            return
+            return None
         if not self._watching(trainer):
-            return
+            return None
         index = self._layers.index(pl_module, optimizer, self._order.order)
         grads = [p.grad for p in index.params]
         if not grads or all(g is None for g in grads):
-            return
+            return None
         total, per_layer, has_grad = measure_gradients(index, grads)
-        host = torch.cat([total.reshape(1), per_layer]).tolist()  # the watch window's one sync a step
-        norms = [v if has_grad[i] else None for i, v in enumerate(host[1:])]
-        diagnosis = self.diagnostician.update(host[0], norms, index.layer_names)
-        if not trainer.strategy.reduce_boolean_decision(diagnosis.vanishing, all=False):
-            return
-        ratio = "n/a" if diagnosis.depth_ratio is None else f"{diagnosis.depth_ratio:.3g}"
+        endpoints = pick_endpoints(None, has_grad)
+        step = self.diagnostician.steps_observed
+        self.diagnostician.observe(total, per_layer, has_grad, endpoints, step)
+        self._watched = (index.layer_names, total, per_layer, has_grad, endpoints, step)
+        return self.diagnostician.flag("vanishing").float()
+
+    def reinitialise(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Re-initialise the model after :meth:`watch` found gradients vanishing, clear the optimizer
+        state and drop this step's gradients (every rank calls it at the same step)."""
+        ratio = "n/a"
+        if self._watched is not None:  # the step's diagnosis, read once now that it acts
+            names, total, per_layer, has_grad, endpoints, step = self._watched
+            host = torch.cat([total.reshape(1), per_layer]).tolist()
+            norms = [v if has_grad[i] else None for i, v in enumerate(host[1:])]
+            diagnosis = self.diagnostician.diagnosis(
+                self.diagnostician.readout().tolist(), host[0], norms, names, endpoints, step
+            )
+            ratio = "n/a" if diagnosis.depth_ratio is None else f"{diagnosis.depth_ratio:.3g}"
         what = (
             f"gradients vanished for {self.patience} consecutive steps (depth ratio {ratio} at step "
             f"{trainer.global_step}); re-initialised the model with scheme {self.scheme!r}, cleared the "

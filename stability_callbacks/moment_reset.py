@@ -30,6 +30,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -43,12 +44,7 @@ from stability_callbacks._trainer import (
     optimizer_params,
     refuse_sharded,
 )
-from stability_callbacks.stats import local_tensor
-
-try:  # DTensor: the gradients and optimizer states of FSDP2 (fully_shard) and tensor parallelism
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a build of torch without torch.distributed
-    DTensor = None  # type: ignore[assignment,misc]
+from stability_callbacks.stats import local_tensor, reduce_over_shards, shard_groups
 
 __all__ = [
     "MOMENT_KEYS",
@@ -140,7 +136,8 @@ def spike_aware_clip_(
         exp_avg_sq: the second moment of each gradient (same shapes).
         theta: the threshold on ``g**2 / v`` (> 0).
         count: also return how many elements were clipped (one more pass, for logging steps; over
-            the whole tensors for DTensors, an all-reduce each).
+            the whole tensors for DTensors: the shards' counts are summed over the mesh, one
+            collective for all tensors).
 
     Returns:
         The number of clipped elements as a 0-d float32 device tensor when ``count``, else ``None``.
@@ -156,12 +153,20 @@ def spike_aware_clip_(
         if g.numel():
             groups.setdefault((g.device, g.dtype), []).append(i)
     total: Tensor | None = None
-    if count:  # before clamping; on DTensors the sums are completed over the mesh
-        device = grads[0].device if grads else torch.device("cpu")
+    if count:  # before clamping; on DTensors the shards' counts are summed over the mesh
+        device = g_local[0].device if g_local else torch.device("cpu")
         total = torch.zeros((), dtype=torch.float32, device=device)
-        for g, v in zip(grads, exp_avg_sq, strict=True):
-            n = (g.detach().float().square() > v.float() * theta).sum()
-            total += (n.full_tensor() if DTensor is not None and isinstance(n, DTensor) else n).to(device)
+        if g_local:
+            per_tensor = torch.stack(
+                [
+                    (g.detach().float().square() > v.float() * theta).sum().to(device)
+                    for g, v in zip(g_local, v_local, strict=True)
+                ]
+            )
+            shards = shard_groups(grads)
+            if shards:  # one collective for all tensors (a process group)
+                per_tensor = reduce_over_shards(per_tensor, shards, dist.ReduceOp.SUM)
+            total = per_tensor.sum().float()
     for (_, dtype), idx in groups.items():
         gs = [g_local[i] for i in idx]
         vs = [v_local[i] if v_local[i].dtype == dtype else v_local[i].to(dtype) for i in idx]
@@ -204,7 +209,10 @@ class MomentReset(StabilityCallback):
     :meth:`reset` is public so a composing callback (the autopilot's escalation) can reset on demand;
     :meth:`step` is the per-step call, public too, and returns a :class:`MomentResetResult`. Whether the
     step count is reset too is ``reset_step`` (see :mod:`stability_callbacks.moment_reset`). An
-    optimizer without Adam moments is reported once with a warning and left alone.
+    optimizer without Adam moments is reported once with a warning and left alone. Under
+    ``ModelParallelStrategy`` (FSDP2, tensor parallel) each rank resets and clamps its own shards (both
+    rules are element-wise) and the logged count is that of the whole tensors; FSDP1 and DeepSpeed are
+    refused at setup.
 
     Args:
         interval: optimizer steps between scheduled resets (the paper: 500); ``None`` resets only on

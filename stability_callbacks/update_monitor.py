@@ -21,6 +21,12 @@ weights (copy, subtract, two norms) and Adam's norm three more over the moments,
 step that is not sampled costs nothing. An Adam step itself makes about ten passes over weights and
 moments, so sampling every step adds a fraction of the optimizer step, and much less of a whole
 training step; ``sample_every_n_steps`` divides it.
+
+DTensors (FSDP2 ``fully_shard``, tensor parallelism). The buffer holds each rank's local shards, and the
+norms are those of the full tensors: each rank takes the norms of its shards and the squares are summed
+over the mesh (:func:`~stability_callbacks.stats.reduce_over_shards`), for the weights, the update and
+Adam's update of every tensor together in one collective a sampled step (one a process group).
+:func:`update_norms_` and :func:`adam_update_norms` called alone reduce their own norms the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -46,13 +53,23 @@ from stability_callbacks._trainer import (
 )
 from stability_callbacks.monitor import OptimizerLayers
 from stability_callbacks.spikes import LossSpikeDetector
-from stability_callbacks.stats import LayerIndex, combine_norms, layer_norms, tensor_norms, wide_dtype
+from stability_callbacks.stats import (
+    LayerIndex,
+    combine_norms,
+    layer_norms,
+    local_tensor,
+    reduce_over_shards,
+    shard_groups,
+    tensor_norms,
+    wide_dtype,
+)
 
 __all__ = [
     "UpdateJumpDetector",
     "UpdateMonitor",
     "UpdateResult",
     "adam_update_norms",
+    "full_norms",
     "snapshot_weights_",
     "update_norms_",
     "update_ratios",
@@ -61,9 +78,45 @@ __all__ = [
 _TINY_WEIGHT = 1e-12  # floor of a weight norm in a ratio (zero-initialised layers)
 
 
+def _stored(params: Sequence[Tensor]) -> list[Tensor]:
+    """Detached views of the values this rank stores: a DTensor's local shard, else the tensor."""
+    return [local_tensor(p.detach()) for p in params]
+
+
+def full_norms(
+    local_norms: Tensor,
+    params: Sequence[Tensor],
+    shards: Mapping[dist.ProcessGroup, Sequence[int] | Tensor] | None = None,
+) -> Tensor:
+    """Norms of the full tensors from the norms of this rank's shards of ``params``.
+
+    Args:
+        local_norms: float32 norms of the local shards, one row per parameter: shape ``(n,)`` or
+            ``(n, k)`` (``k`` quantities of each parameter, reduced together).
+        params: the parameters; the squares of the rows of DTensors sharded over a process group are
+            summed over it (one collective per group, a single one under FSDP2 or tensor parallelism
+            alone). Plain and replicated tensors are left as they are.
+        shards: the positions of the sharded rows per process group, as int64 tensors on the device
+            of ``local_norms`` (:func:`~stability_callbacks.stats.shard_groups`), when the caller
+            keeps them; computed from ``params`` otherwise.
+
+    Returns:
+        Float32 norms of the same shape. Every rank must call this with the same parameters.
+    """
+    if shards is None:
+        shards = shard_groups(params)
+    if not shards:
+        return local_norms
+    squares = local_norms.to(wide_dtype(local_norms.device)).square()
+    return reduce_over_shards(squares, shards, dist.ReduceOp.SUM).sqrt().float()
+
+
 def snapshot_weights_(params: Sequence[Tensor], buffer: list[Tensor] | None = None) -> list[Tensor]:
-    """Copy ``params`` into ``buffer`` (fused), allocating it when missing or of other shapes; returns it."""
-    detached = [p.detach() for p in params]
+    """Copy ``params`` into ``buffer`` (fused), allocating it when missing or of other shapes; returns it.
+
+    For DTensors the buffer holds this rank's local shards (plain tensors).
+    """
+    detached = _stored(params)
     if (
         buffer is None
         or len(buffer) != len(detached)
@@ -78,14 +131,22 @@ def snapshot_weights_(params: Sequence[Tensor], buffer: list[Tensor] | None = No
     return buffer
 
 
-def update_norms_(buffer: list[Tensor], params: Sequence[Tensor]) -> Tensor:
+def update_norms_(buffer: list[Tensor], params: Sequence[Tensor], reduce: bool = True) -> Tensor:
     """Per-tensor ``||p - b||`` of ``params`` against their :func:`snapshot_weights_` ``buffer``.
 
     The buffer is overwritten with ``b - p`` (no new memory). Returns float32 norms of shape ``(n,)``.
+
+    Args:
+        buffer: the snapshot (local shards for DTensors).
+        params: the parameters after the step.
+        reduce: for DTensors, the norms of the full tensors (:func:`full_norms`, one collective);
+            ``False`` gives the norms of this rank's shards, for a caller that reduces them together
+            with other norms.
     """
     if buffer:
-        torch._foreach_sub_(buffer, [p.detach() for p in params])
-    return tensor_norms(buffer)
+        torch._foreach_sub_(buffer, _stored(params))
+    local = tensor_norms(buffer)
+    return full_norms(local, params) if reduce else local
 
 
 def update_ratios(
@@ -110,7 +171,10 @@ def update_ratios(
 
 
 def adam_update_norms(
-    optimizer: Optimizer, params: Sequence[Tensor], workspace: list[Tensor] | None = None
+    optimizer: Optimizer,
+    params: Sequence[Tensor],
+    workspace: list[Tensor] | None = None,
+    reduce: bool = True,
 ) -> Tensor | None:
     """Per-tensor norms of Adam's update direction ``m_hat / (sqrt(v_hat) + eps)``, without a host sync.
 
@@ -121,8 +185,10 @@ def adam_update_norms(
     Args:
         optimizer: an Adam-family optimizer.
         params: the parameters (norm 0 for those without state).
-        workspace: tensors of the parameters' shapes and dtypes to compute in (a
+        workspace: tensors of the parameters' (local) shapes and dtypes to compute in (a
             :func:`snapshot_weights_` buffer that is no longer needed); new memory otherwise.
+        reduce: for DTensor parameters and moments, the norms of the full tensors (:func:`full_norms`,
+            one collective); ``False`` gives the norms of this rank's shards.
 
     Returns:
         Float32 norms of shape ``(len(params),)``, or ``None`` when no parameter has Adam state.
@@ -145,8 +211,8 @@ def adam_update_norms(
             if i is None or "exp_avg" not in state or second_key not in state:
                 continue
             rows.append(i)
-            ms.append(state["exp_avg"])
-            vs.append(state[second_key])
+            ms.append(local_tensor(state["exp_avg"]))
+            vs.append(local_tensor(state[second_key]))
             step = state.get("step", 1)
             steps.append(step.reshape(()) if isinstance(step, Tensor) else torch.tensor(float(step)))
         if not rows:
@@ -172,7 +238,9 @@ def adam_update_norms(
         torch._foreach_mul_(work, ms)
         norms = tensor_norms(work, device=dev).to(wide) / bc1
         out[torch.tensor(rows, device=out.device)] = norms.float().to(out.device)
-    return out if found else None
+    if not found:
+        return None
+    return full_norms(out, params) if reduce else out
 
 
 class UpdateJumpDetector:
@@ -294,7 +362,12 @@ class UpdateMonitor(StabilityCallback):
 
     ``jump`` means: the total ratio above ``factor`` times the median of its last ``window`` accepted
     samples, for ``patience`` consecutive samples (after ``min_history`` samples; high samples never
-    enter the median, so a ratio that stays high stays flagged). Not under sharded strategies yet.
+    enter the median, so a ratio that stays high stays flagged).
+
+    Under ``ModelParallelStrategy`` (FSDP2, tensor parallel) each rank copies its own shards, and the
+    weight, update and Adam norms of every tensor are those of the full tensors, reduced over the mesh
+    in one collective a sampled step: every rank gets the same ratios and the same ``jump``. FSDP1 and
+    DeepSpeed (flat shards) are refused at setup.
 
     Args:
         log_every_n_steps: logging cadence in optimizer steps; ``None`` uses the trainer's. Logging
@@ -348,6 +421,8 @@ class UpdateMonitor(StabilityCallback):
         self._layers = OptimizerLayers("layer")
         self._buffer: list[Tensor] | None = None
         self._pending: tuple[int, bool, Optimizer, LayerIndex, Tensor] | None = None
+        # the positions of the DTensor parameters of a layer index per process group, on the device
+        self._shards: tuple[LayerIndex, dict[dist.ProcessGroup, Tensor]] | None = None
         self._handles: list[RemovableHandle] = []
         self._trainer: pl.Trainer | None = None
 
@@ -361,7 +436,7 @@ class UpdateMonitor(StabilityCallback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_buffer=None, _pending=None, _handles=[], _trainer=None, last_result=None)
+        state.update(_buffer=None, _pending=None, _shards=None, _handles=[], _trainer=None, last_result=None)
         state["_layers"] = OptimizerLayers("layer")
         return state
 
@@ -372,8 +447,11 @@ class UpdateMonitor(StabilityCallback):
             refuse_sharded(
                 trainer,
                 type(self).__name__,
-                "the weights and their updates are sharded, and the update norms are not reduced yet",
-                "Use DDP (every rank measures the same update).",
+                "each rank holds a flat shard of the weights, so the local update norms are not the global "
+                "ones",
+                "Use DDP, or ModelParallelStrategy (FSDP2, tensor parallel), whose DTensor weights it "
+                "measures exactly.",
+                dtensor_ok=True,
             )
             self._layers.clear()
 
@@ -389,6 +467,7 @@ class UpdateMonitor(StabilityCallback):
         self._handles = []
         self._buffer = None
         self._pending = None
+        self._shards = None
         self._trainer = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -430,7 +509,7 @@ class UpdateMonitor(StabilityCallback):
             self._pending = None
             return
         self._buffer = snapshot_weights_(index.params, self._buffer)
-        weight = tensor_norms(self._buffer)
+        weight = tensor_norms(self._buffer)  # of the local shards: reduced with the update's norms
         self._pending = (trainer.global_step, log, optimizer, index, weight)
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -447,19 +526,37 @@ class UpdateMonitor(StabilityCallback):
             return None
         step, log, optimizer, index, weight = self._pending
         self._pending = None
-        delta = update_norms_(self._buffer, index.params)
+        delta = update_norms_(self._buffer, index.params, reduce=False)
+        per_tensor = (
+            adam_update_norms(optimizer, index.params, workspace=self._buffer, reduce=False)
+            if self.adam_norm
+            else None
+        )
+        shards = self._shard_positions(index, delta.device)
+        if shards:  # the weights, the update and Adam's update of every tensor in one collective
+            columns = [weight.to(delta.device), delta] + ([] if per_tensor is None else [per_tensor])
+            reduced = full_norms(torch.stack(columns, dim=1), index.params, shards).unbind(1)
+            weight, delta = reduced[0], reduced[1]
+            per_tensor = None if per_tensor is None else reduced[2]
         ratio, layer = update_ratios(delta, weight, index)
         assert layer is not None
-        adam: Tensor | None = None
-        if self.adam_norm:
-            per_tensor = adam_update_norms(optimizer, index.params, workspace=self._buffer)
-            adam = None if per_tensor is None else combine_norms(per_tensor)
+        adam = None if per_tensor is None else combine_norms(per_tensor)
         jump, high, median = self.detector.observe(ratio)
         result = UpdateResult(step, ratio, layer, list(index.layer_names), adam, median, high, jump)
         self.last_result = result
         if log:
             self._log(trainer, result)
         return result
+
+    def _shard_positions(self, index: LayerIndex, device: torch.device) -> dict[dist.ProcessGroup, Tensor]:
+        """Positions of ``index``'s DTensor parameters per process group they are sharded over, as int64
+        tensors on ``device``, made once per index (empty without DTensors)."""
+        cached = self._shards
+        if cached is None or cached[0] is not index or any(t.device != device for t in cached[1].values()):
+            groups = shard_groups(index.params)
+            positions = {g: torch.tensor(p, dtype=torch.long, device=device) for g, p in groups.items()}
+            self._shards = cached = (index, positions)
+        return cached[1]
 
     def _log(self, trainer: pl.Trainer, result: UpdateResult) -> None:
         values: dict[str, Tensor | float] = {

@@ -27,6 +27,7 @@ from stability_callbacks.autopilot import (
     StabilityAutopilot,
 )
 from stability_callbacks.clipping import ZClip
+from stability_callbacks.init import InitSwap
 
 BASE_LR = 0.1
 
@@ -456,9 +457,16 @@ def test_state_round_trip_weights_only(tmp_path: Path, checkpoint_snapshots: boo
 
 
 def _count_syncs(tmp_path: Path, ap: StabilityAutopilot, steps: int) -> list[list[str]]:
+    """The host copies ``ap`` made in its per-step hooks, one list per optimizer step."""
     calls: list[list[str]] = []
+    step: list[str] = []
     with count_host_syncs() as counter:
-        for hook in ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"):
+        for hook in (
+            "on_train_batch_start",
+            "on_before_backward",
+            "on_before_optimizer_step",
+            "on_train_batch_end",
+        ):
             original = getattr(ap, hook)
 
             def counted(*args: Any, _original: Any = original, _hook: str = hook) -> None:
@@ -467,10 +475,10 @@ def _count_syncs(tmp_path: Path, ap: StabilityAutopilot, steps: int) -> list[lis
                     _original(*args)
                 finally:
                     counter.active = False
+                    step.extend(counter.calls)
                     if _hook == "on_train_batch_end":
-                        calls.append(list(counter.calls))
-                    else:
-                        assert counter.calls == [], _hook
+                        calls.append(list(step))
+                        step.clear()
 
             setattr(ap, hook, counted)
         make_trainer(tmp_path, max_steps=steps, max_epochs=None, callbacks=[ap]).fit(
@@ -489,6 +497,15 @@ def test_one_host_sync_per_step_with_rollback(tmp_path: Path) -> None:
         clipper="zclip", reinit=False, guard=False, verbose=False, snapshot_every_n_steps=2
     )
     assert _count_syncs(tmp_path, ap, 4) == [["tolist"]] * 4
+
+
+def test_one_host_sync_per_step_with_every_rung_on(tmp_path: Path) -> None:
+    # the guard's flag, the re-initialisation watch, the outlier test, the spike detector and the update
+    # ratio's jump are read together: one copy a step, before the optimizer step
+    ap = StabilityAutopilot(watch_updates=True, verbose=False, snapshot_every_n_steps=2)
+    assert _count_syncs(tmp_path, ap, 6) == [["tolist"]] * 6
+    reinit = ap.children["reinit"]
+    assert isinstance(reinit, InitSwap) and reinit.diagnostician.steps_observed == 6 and not reinit.applied
 
 
 def test_children_act(tmp_path: Path) -> None:
@@ -535,6 +552,7 @@ def test_guard_and_clipper_share_one_norm_per_step(tmp_path: Path, monkeypatch: 
         ({"max_consecutive_skips": 0}, "max_consecutive_skips"),
         ({"lr_factor": 0.0}, "lr_factor"),
         ({"lr_factor": 1.5}, "lr_factor"),
+        ({"update_factor": 1.0}, "update_factor"),
         ({"cooldown_steps": -1}, "cooldown_steps"),
         ({"max_rollbacks": -1}, "max_rollbacks"),
         ({"rollback": 1}, "rollback"),
@@ -781,8 +799,9 @@ def test_a_sustained_update_jump_is_an_early_warning(tmp_path: Path) -> None:
     ap = _autopilot(watch_updates=True, spike_threshold=1e9, cooldown_steps=5)
     make_trainer(tmp_path, callbacks=[LrBurst(), ap]).fit(AdamTrouble(), make_loader(n=16 * 30))
     warnings = [e for e in ap.events if "[early warning]" in e]
-    # steps 20, 21 and 22 are high: the jump holds after the third (the monitor's patience)
-    assert warnings and warnings[0].startswith("step 23: [early warning] the update-to-weight ratio")
+    # steps 20, 21 and 22 are high: the jump holds after the third (the monitor's patience); it is
+    # measured after step 22's update and read with step 23's flags, before step 23's update
+    assert warnings and warnings[0].startswith("step 24: [early warning] the update-to-weight ratio")
     assert "Adam moments reset" in warnings[0] and ap.moment_resets >= 1 and ap.rollbacks == 0
 
 

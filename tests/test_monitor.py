@@ -309,6 +309,19 @@ def test_exploding_needs_patience_steps_over_the_runs_level_and_turns_off_below_
     assert not any(d.vanishing or d.diverging or d.nonfinite for d in ds)
 
 
+def test_flag_is_the_device_copy_of_each_rule_of_the_diagnosis() -> None:
+    diag = GradientDiagnostician(patience=2, recovery=2, window=20)
+    assert diag.steps_observed == 0 and not bool(diag.flag("vanishing"))
+    totals = [1.0] * 20 + [20.0] * 3
+    ds = feed(diag, totals, losses=[1.0] * len(totals))
+    assert diag.steps_observed == len(totals)
+    flag = diag.flag("exploding")
+    assert flag.dtype == torch.bool and flag.shape == () and bool(flag) == ds[-1].exploding is True
+    assert not bool(diag.flag("vanishing")) and not bool(diag.flag("diverging"))
+    with pytest.raises(ValueError, match="rule"):
+        diag.flag("nope")
+
+
 def _break_off(loss_falls: bool) -> list[Diagnosis]:
     """A plateau (norm ~0.2, loss 0.13), then the norm rises 12x for good, with or without the loss
     falling (0.13 -> 0.057 -> ... -> 0.0086, then slowly lower)."""

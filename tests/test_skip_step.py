@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from stability_callbacks import StabilityAutopilot
 from stability_callbacks.skip_step import OutlierStepTest, StepUndo
 from stability_callbacks.stats import total_norm
+from stability_callbacks.step_flags import StepFlags, read_step_flags
 
 BAD = 25  # the step whose batch is corrupted
 
@@ -338,3 +339,38 @@ def test_ddp_a_spike_on_one_rank_is_skipped_on_every_rank(tmp_path: Path) -> Non
 def test_median_helper_matches_statistics() -> None:
     assert ReferenceTest._median([3.0, 1.0, 2.0]) == statistics.median([3.0, 1.0, 2.0])
     assert ReferenceTest._median([4.0, 1.0, 2.0, 3.0]) == statistics.median_low([4.0, 1.0, 2.0, 3.0])
+
+
+class _TwoRanks:
+    """A strategy whose ``reduce`` averages this rank's tensor with another rank's."""
+
+    def __init__(self, other: Tensor) -> None:
+        self.other = other
+        self.calls = 0
+
+    def reduce(self, tensor: Tensor, reduce_op: str = "mean") -> Tensor:
+        assert reduce_op == "mean"
+        self.calls += 1
+        return (tensor + self.other) / 2
+
+
+def test_step_flags_are_read_once_and_set_when_any_rank_sets_them() -> None:
+    # the other rank saw a non-finite gradient and a spike; this one an outlier, scores 6 and 8
+    other = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 6.0, 8.0])
+    strategy = _TwoRanks(other)
+    with count_host_syncs() as counter:
+        counter.calls, counter.active = [], True
+        flags = read_step_flags(
+            strategy,  # type: ignore[arg-type]
+            torch.device("cpu"),
+            nonfinite=torch.tensor(False),
+            outlier=torch.tensor(True),
+            spiked=None,
+            loss_score=torch.tensor(6.0),
+            norm_score=torch.tensor(8.0),
+        )
+        counter.active = False
+    assert counter.calls == ["tolist"] and strategy.calls == 1
+    assert flags == StepFlags(nonfinite=True, outlier=True, spiked=True, loss_score=6.0, norm_score=8.0)
+    with pytest.raises(TypeError, match="unknown flags"):
+        read_step_flags(strategy, torch.device("cpu"), skipped=torch.tensor(True))  # type: ignore[arg-type]

@@ -30,7 +30,18 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from stability_callbacks import AutoClip, GradientMonitor, NonFiniteGuard, NormClip, ZClip
+from stability_callbacks import (
+    AGC,
+    AdaGC,
+    AutoClip,
+    GradientMonitor,
+    MomentReset,
+    NonFiniteGuard,
+    NormClip,
+    StabilityAutopilot,
+    UpdateMonitor,
+    ZClip,
+)
 from stability_callbacks._trainer import is_logging_step
 
 WIDTH, DEPTH, BATCH, LOG_EVERY = 512, 8, 64, 50
@@ -78,6 +89,11 @@ VARIANTS: dict[str, Callable[[], list[Callback]]] = {
     "ZClip()": lambda: [ZClip()],
     "AutoClip()": lambda: [AutoClip()],
     "NonFiniteGuard()": lambda: [NonFiniteGuard()],
+    "AGC()": lambda: [AGC()],
+    "AdaGC()": lambda: [AdaGC()],
+    "MomentReset()": lambda: [MomentReset()],
+    "UpdateMonitor() (every step)": lambda: [UpdateMonitor()],
+    "StabilityAutopilot(reinit=False)": lambda: [StabilityAutopilot(reinit=False, verbose=False)],
 }
 
 
@@ -95,7 +111,12 @@ class Clock(Callback):
         self._counting = False
 
     def watch(self, callback: Callback) -> None:
-        for name in ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"):
+        for name in (
+            "on_train_batch_start",
+            "on_before_backward",
+            "on_before_optimizer_step",
+            "on_train_batch_end",
+        ):
             inner = getattr(callback, name)
 
             def timed(trainer: pl.Trainer, *args: Any, _inner: Any = inner, **kwargs: Any) -> Any:

@@ -25,6 +25,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from recipes import corrupted, registry, reports, runner, train
 from recipes.base import activation_module
@@ -188,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_bad.add_argument("--input-scale", type=_finite, default=1e3, help="factor on the bad batch's inputs")
     p_bad.add_argument("--log-dir", default="logs")
     p_bad.add_argument("--json", action="store_true", help="print the results as JSON")
+    p_bad.add_argument(
+        "--write-readme",
+        action="store_true",
+        help=f"also write recipes/results/{reports.CORRUPTED_RESULTS} and rewrite the README's section",
+    )
+    p_bad.add_argument("--readme", default=str(reports.README), help="the README to rewrite")
+    p_bad.add_argument(
+        "--results-dir", default=str(reports.RESULTS_DIR), help="folder of the committed summaries"
+    )
     parser.set_defaults(subparsers=cmd)
     return parser
 
@@ -269,6 +279,11 @@ def check_args(args: argparse.Namespace) -> None:
             reports.load_results(args.recipes or registry.RECIPES, Path(args.results_dir))
         except FileNotFoundError as err:
             p.error(f"argument --results-dir: {err}")
+        corrupted_path = Path(args.results_dir) / reports.CORRUPTED_RESULTS
+        has_section = reports.corrupted_readme_block(Path(args.readme).read_text()) is not None
+        if args.recipes is None and has_section and not corrupted_path.is_file():
+            command = reports.CORRUPTED_COMMAND
+            p.error(f"argument --results-dir: no summary {corrupted_path} (write it with `{command}`)")
     elif args.command == "depth-table":
         for name in args.activations:
             try:
@@ -279,6 +294,14 @@ def check_args(args: argparse.Namespace) -> None:
         if args.step >= args.max_steps:
             p.error(f"argument --step: must be below --max-steps ({args.max_steps}), got {args.step}")
         _check_log_dir(p, args.log_dir)
+        if args.write_readme:
+            if not Path(args.readme).is_file():
+                p.error(f"argument --readme: no file {args.readme!r}")
+            if reports.corrupted_readme_block(Path(args.readme).read_text()) is None:
+                begin, end = reports.CORRUPTED_MARKERS
+                p.error(
+                    f"argument --readme: {args.readme!r} has no corrupted-batch section ({begin} ... {end})"
+                )
 
 
 # -- the commands ------------------------------------------------------------------------------------------
@@ -299,17 +322,46 @@ def _list() -> None:
     print(f"\nLightningCLI: python -m recipes.<recipe> fit --config recipes/configs/<file>  ({configs})")
 
 
+def _write_corrupted(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Commit the corrupted-batch run's summary (with the command that made it) and its README section."""
+    p_bad = args.subparsers["corrupted"]
+    words = ["python -m recipes corrupted"]
+    for flag, name in (("--seed", "seed"), ("--step", "step"), ("--max-steps", "max_steps")):
+        if getattr(args, name) != p_bad.get_default(name):
+            words.append(f"{flag} {getattr(args, name)}")
+    if args.input_scale != p_bad.get_default("input_scale"):
+        words.append(f"--input-scale {args.input_scale:g}")
+    summary = corrupted.summary_of(
+        results, seed=args.seed, step=args.step, max_steps=args.max_steps, input_scale=args.input_scale
+    )
+    summary["command"] = " ".join([*words, "--write-readme"])
+    out = Path(args.results_dir) / reports.CORRUPTED_RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    changed = reports.write_corrupted_readme(summary, Path(args.readme))
+    print(f"summary: {out}; README section {'rewritten' if changed else 'unchanged'}")
+
+
 def _readme(args: argparse.Namespace) -> int:
     names = args.recipes or list(registry.RECIPES)
     readme, results = Path(args.readme), Path(args.results_dir)
+    corrupted_path = results / reports.CORRUPTED_RESULTS
+    # the corrupted-batch section too, when all are asked for and the README has it
+    with_corrupted = args.recipes is None and reports.corrupted_readme_block(readme.read_text()) is not None
+    corrupted_summary = json.loads(corrupted_path.read_text()) if with_corrupted else None
     if not args.check:
         changed = reports.write_readme(names, readme, results)
+        if corrupted_summary is not None and reports.write_corrupted_readme(corrupted_summary, readme):
+            changed.append("corrupted")
         print(f"README sections rewritten: {', '.join(changed) or 'none (unchanged)'}")
         return 0
     text = readme.read_text()
     expected = reports.readme_blocks(reports.update_readme(text, reports.load_results(names, results)))
     found = reports.readme_blocks(text)
     stale = [n for n in names if found.get(n) != expected.get(n)]
+    corrupted_now = reports.corrupted_readme_block(text)
+    if corrupted_summary is not None and corrupted_now != reports.corrupted_readme_section(corrupted_summary):
+        stale.append("corrupted")
     print(
         f"README tables differ from their summaries: {', '.join(stale)} (run python -m recipes readme)"
         if stale
@@ -385,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.json:
             print(json.dumps({name: r.summary() for name, r in results.items()}, indent=2))
+        if args.write_readme:
+            _write_corrupted(args, results)
         return 0
     rows = runner.depth_table(
         depths=args.depths,

@@ -27,7 +27,12 @@ from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
 from recipes import deep_mlp
-from recipes.reports import format_corrupted_table, write_corrupted_summary
+from recipes.reports import (
+    corrupted_report,
+    corrupted_summary,
+    format_corrupted_table,
+    write_corrupted_summary,
+)
 from recipes.spec import CorruptedResult, Recipe, Variant
 from recipes.train import run_variant
 from stability_callbacks import StabilityAutopilot
@@ -39,6 +44,7 @@ __all__ = [
     "corrupted_demo",
     "corrupted_recipe",
     "format_corrupted_table",
+    "summary_of",
 ]
 
 RUNS = ("clean", "corrupted", "corrupted_autopilot")
@@ -193,20 +199,19 @@ def corrupted_demo(
             log_dir=r.log_dir,
         )
     bar.close()
+    summary = summary_of(results, seed=seed, step=step, max_steps=max_steps, input_scale=input_scale)
     if log_dir is not None:
-        base = {"recipe": BASE_RECIPE, "variant": BASE_VARIANT, "model": BASE_MODEL}
-        write_corrupted_summary(Path(log_dir) / "corrupted", rec, base, seed, step, input_scale, results)
+        write_corrupted_summary(Path(log_dir) / "corrupted", rec, summary)
     if echo:
-        print(f"\none corrupted batch at step {step} of {max_steps}, seed {seed}")
-        print(f"run: {BASE_RECIPE} {_base_words()}")
-        print(format_corrupted_table(results))
-        for res in results.values():
-            for event in res.events:
-                print(f"{res.run}: {event}")
+        print(f"\n{corrupted_report(summary)}")
         if log_dir is not None:
             print(f"summary: {Path(log_dir) / 'corrupted' / 'summary.md'}")
     return results
 
 
-def _base_words() -> str:
-    return f"variant {BASE_VARIANT} with " + ", ".join(f"{k}={v}" for k, v in BASE_MODEL.items())
+def summary_of(
+    results: dict[str, CorruptedResult], *, seed: int, step: int, max_steps: int, input_scale: float
+) -> dict[str, Any]:
+    """The ``summary.json`` object of a :func:`corrupted_demo` run with these arguments."""
+    base = {"recipe": BASE_RECIPE, "variant": BASE_VARIANT, "model": BASE_MODEL}
+    return corrupted_summary(base, seed, step, max_steps, input_scale, results)

@@ -7,7 +7,7 @@ import json
 import math
 import re
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from recipes.spec import CorruptedResult, Recipe, RunResult
 
 __all__ = [
+    "CORRUPTED_MARKERS",
+    "CORRUPTED_RESULTS",
     "README",
     "RESULTS_DIR",
+    "corrupted_readme_block",
+    "corrupted_readme_section",
+    "corrupted_report",
+    "corrupted_summary",
     "format_corrupted_table",
     "format_depth_table",
     "format_number",
@@ -32,10 +38,18 @@ __all__ = [
     "render_table",
     "summary_entry",
     "update_readme",
+    "write_corrupted_readme",
     "write_corrupted_summary",
     "write_readme",
     "write_summary",
 ]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
+README_COMMAND = "python -m recipes demo --write-readme"
+CORRUPTED_COMMAND = "python -m recipes corrupted --write-readme"
+CORRUPTED_RESULTS = "corrupted.json"  # in RESULTS_DIR
+CORRUPTED_MARKERS = ("<!-- corrupted:begin -->", "<!-- corrupted:end -->")
 
 
 def format_number(x: float | None, digits: int = 3) -> str:
@@ -149,22 +163,87 @@ def format_depth_table(rows: Sequence[dict[str, Any]]) -> str:
     return render_table(head, body)
 
 
-def format_corrupted_table(results: dict[str, CorruptedResult], markdown: bool = False) -> str:
-    """The corrupted-batch demonstration's results as an aligned text table (or a Markdown table)."""
+def format_corrupted_table(runs: Mapping[str, Mapping[str, Any]], markdown: bool = False) -> str:
+    """The corrupted-batch demonstration's runs (``CorruptedResult.summary()`` entries, by run name) as
+    an aligned text table (or a Markdown table)."""
     head = ["run", "final train loss", "ratio to clean", "rollbacks", "diverged", "val_acc", "steps"]
     rows = [
         [
-            r.run,
-            format_number(r.final_train_loss, 4),
-            "-" if r.ratio is None else f"{r.ratio:.3f}",
-            str(r.rollbacks),
-            "yes" if r.diverged else "no",
-            format_number(r.val_metric),
-            str(r.steps),
+            name,
+            format_number(r["final_train_loss"], 4),
+            "-" if r["ratio"] is None else f"{r['ratio']:.3f}",
+            str(r["rollbacks"]),
+            "yes" if r["diverged"] else "no",
+            format_number(r["val_metric"]),
+            str(r["steps"]),
         ]
-        for r in results.values()
+        for name, r in runs.items()
     ]
     return render_table(head, rows, markdown)
+
+
+def corrupted_summary(
+    base: dict[str, Any],
+    seed: int,
+    step: int,
+    max_steps: int,
+    input_scale: float,
+    results: Mapping[str, CorruptedResult],
+) -> dict[str, Any]:
+    """The corrupted-batch demonstration's ``summary.json`` object (``base`` names the recipe, variant
+    and model arguments it starts from)."""
+    return {
+        "base": base,
+        "seed": seed,
+        "corrupt_step": step,
+        "max_steps": max_steps,
+        "input_scale": input_scale,
+        "runs": {name: r.summary() for name, r in results.items()},
+    }
+
+
+def corrupted_report(summary: Mapping[str, Any]) -> str:
+    """What ``python -m recipes corrupted`` prints, from its summary: the setting, the table and the
+    autopilot's timeline."""
+    base = summary["base"]
+    words = ", ".join(f"{k}={v}" for k, v in base["model"].items())
+    lines = [
+        f"one corrupted batch at step {summary['corrupt_step']} of {summary['max_steps']}, "
+        f"seed {summary['seed']}",
+        f"run: {base['recipe']} variant {base['variant']} with {words}",
+        format_corrupted_table(summary["runs"]),
+        *(f"{name}: {e}" for name, r in summary["runs"].items() for e in r["events"]),
+    ]
+    return "\n".join(line.rstrip() for text in lines for line in text.splitlines())
+
+
+def corrupted_readme_section(summary: Mapping[str, Any]) -> str:
+    """The README's generated section of the corrupted-batch demonstration."""
+    seconds = sum(r["seconds"] for r in summary["runs"].values())
+    command = summary.get("command", CORRUPTED_COMMAND)
+    head = f"`{command}` took {seconds:.0f} s and printed (from `recipes/results/{CORRUPTED_RESULTS}`):"
+    return "\n".join([head, "", "```text", corrupted_report(summary), "```"])
+
+
+def corrupted_readme_block(text: str) -> str | None:
+    """The README's corrupted-batch section (the text between its markers), ``None`` without one."""
+    begin, end = CORRUPTED_MARKERS
+    match = re.search(rf"{re.escape(begin)}\n?(.*?)\n?{re.escape(end)}", text, re.S)
+    return match.group(1) if match else None
+
+
+def write_corrupted_readme(summary: Mapping[str, Any], readme: Path = README) -> bool:
+    """Rewrite the README's corrupted-batch section from ``summary``; returns whether it changed.
+    ``ValueError`` if the README has no such section."""
+    text = readme.read_text()
+    begin, end = CORRUPTED_MARKERS
+    if begin not in text or end not in text:
+        raise ValueError(f"the README {readme} has no corrupted-batch section ({begin} ... {end})")
+    start, stop = text.index(begin), text.index(end) + len(end)
+    new = text[:start] + f"{begin}\n{corrupted_readme_section(summary)}\n{end}" + text[stop:]
+    if new != text:
+        readme.write_text(new)
+    return new != text
 
 
 def write_summary(
@@ -196,38 +275,22 @@ def write_summary(
     return summary
 
 
-def write_corrupted_summary(
-    out_dir: Path,
-    recipe: Recipe,
-    base: dict[str, Any],
-    seed: int,
-    step: int,
-    input_scale: float,
-    results: dict[str, CorruptedResult],
-) -> None:
-    """Write the corrupted-batch demonstration's ``summary.json`` and ``summary.md`` to ``out_dir``.
-
-    ``recipe`` is the demonstration's recipe (its variants are the runs) and ``base`` names the recipe,
-    variant and model arguments it starts from."""
+def write_corrupted_summary(out_dir: Path, recipe: Recipe, summary: Mapping[str, Any]) -> None:
+    """Write the corrupted-batch demonstration's ``summary.json`` and ``summary.md`` to ``out_dir``
+    (``recipe``: the demonstration's recipe, whose variants are the runs)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "base": base,
-        "seed": seed,
-        "corrupt_step": step,
-        "input_scale": input_scale,
-        "runs": {name: r.summary() for name, r in results.items()},
-    }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    runs = summary["runs"]
     lines = [
-        f"# One corrupted batch at step {step}, seed {seed}",
+        f"# One corrupted batch at step {summary['corrupt_step']}, seed {summary['seed']}",
         "",
-        format_corrupted_table(results, markdown=True),
+        format_corrupted_table(runs, markdown=True),
         "",
         "| run | what it is |",
         "|---|---|",
-        *(f"| {n} | {recipe.variants[n].description} |" for n in results),
+        *(f"| {n} | {recipe.variants[n].description} |" for n in runs),
         "",
-        *(f"- {r.run}: {e}" for r in results.values() for e in r.events),
+        *(f"- {n}: {e}" for n, r in runs.items() for e in r["events"]),
         "",
         f"TensorBoard: `tensorboard --logdir {out_dir}`",
         "",
@@ -295,10 +358,6 @@ def layer_norms_from_events(run_dir: Path, model: torch.nn.Module) -> list[tuple
 
 
 # -- the README's generated sections ------------------------------------------------------------------------
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-README = Path(__file__).resolve().parent.parent / "README.md"
-README_COMMAND = "python -m recipes demo --write-readme"
 
 
 def readme_markers(recipe: str) -> tuple[str, str]:

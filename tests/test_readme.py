@@ -3,6 +3,7 @@ rendered, and what it names exists."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,19 @@ def test_readme_result_tables_are_the_committed_summaries_rendered() -> None:
     summaries = reports.load_results(registry.RECIPES)
     for name, summary in summaries.items():
         assert blocks[name] == reports.readme_section(summary), f"run: python -m recipes readme ({name})"
+
+
+def test_readme_corrupted_batch_section_is_the_committed_summary_rendered() -> None:
+    # written by `python -m recipes corrupted --write-readme` from recipes/results/corrupted.json
+    from recipes import reports
+
+    summary = json.loads((reports.RESULTS_DIR / reports.CORRUPTED_RESULTS).read_text())
+    block = reports.corrupted_readme_block(README.read_text())
+    assert block == reports.corrupted_readme_section(summary), (
+        "run: python -m recipes corrupted --write-readme"
+    )
+    assert list(summary["runs"]) == ["clean", "corrupted", "corrupted_autopilot"]
+    assert summary["command"].startswith("python -m recipes corrupted")
 
 
 def test_committed_summaries_are_of_the_recipes_as_they_are() -> None:

@@ -436,6 +436,39 @@ def test_demo_write_readme_stores_the_summaries_it_renders(
     assert "README sections rewritten: deep_mlp" in out
 
 
+def test_corrupted_write_readme_commits_the_summary_it_renders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    begin, end = reports.CORRUPTED_MARKERS
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n{begin}\nstale\n{end}\nafter\n")
+    results = tmp_path / "results"
+    args = ["corrupted", "--max-steps", "6", "--step", "3", "--log-dir", str(tmp_path / "logs")]
+    out = _main([*args, "--write-readme", "--readme", str(readme), "--results-dir", str(results)], capsys)
+    summary = json.loads((results / reports.CORRUPTED_RESULTS).read_text())
+    assert summary["command"] == "python -m recipes corrupted --step 3 --max-steps 6 --write-readme"
+    assert summary["corrupt_step"] == 3 and summary["max_steps"] == 6
+    assert list(summary["runs"]) == ["clean", "corrupted", "corrupted_autopilot"]
+    assert all(r["steps"] == 6 for r in summary["runs"].values())
+    text = readme.read_text()
+    block = reports.corrupted_readme_block(text)
+    assert block == reports.corrupted_readme_section(summary) and text.endswith(f"{end}\nafter\n")
+    report = reports.corrupted_report(summary)
+    assert report in out and report in block  # the README shows what the command printed
+    assert "one corrupted batch at step 3 of 6, seed 0" in report
+    # the readme command checks and rewrites the section from the committed summary
+    for name in runner.RECIPES:
+        (results / f"{name}.json").write_text(json.dumps(_summary(name, 0.5)))
+    markers = [reports.readme_markers(name) for name in runner.RECIPES]
+    readme.write_text("".join(f"{b}\n{e}\n" for b, e in markers) + text.replace(block, "edited by hand"))
+    check = ["readme", "--readme", str(readme), "--results-dir", str(results)]
+    assert cli.main(check) == 0 and "corrupted" in capsys.readouterr().out
+    assert reports.corrupted_readme_block(readme.read_text()) == block
+    readme.write_text(readme.read_text().replace(block, "edited by hand"))
+    assert cli.main([*check, "--check"]) == 1
+    assert capsys.readouterr().out.startswith("README tables differ from their summaries: corrupted")
+
+
 # -- usage errors: exit status 2, a message, no traceback, nothing trained ----------------------------------
 
 USAGE_ERRORS = [

@@ -26,6 +26,7 @@ from conftest import make_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from model_zoo import MODELS
+from torch import Tensor
 
 import stability_callbacks
 
@@ -111,16 +112,21 @@ class TagLogger(TensorBoardLogger):
         pass
 
 
-_instances: dict[tuple[str, bool], pl.LightningModule] = {}
+_instances: dict[tuple[str, bool], tuple[pl.LightningModule, dict[str, Tensor]]] = {}
 _eager_keys: dict[tuple[str, str], set[str]] = {}
 
 
 def model_for(name: str, compiled: bool) -> pl.LightningModule:
+    """The model of a cell: one instance per model and mode (built and compiled once), given back its
+    initial weights and buffers each time, so no cell trains on what an earlier cell left."""
     key = (name, compiled)
     if key not in _instances:
         torch.manual_seed(0)
-        _instances[key] = MODELS[name](compile_backend="eager" if compiled else None)
-    return _instances[key]
+        model = MODELS[name](compile_backend="eager" if compiled else None)
+        _instances[key] = (model, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    model, initial = _instances[key]
+    model.load_state_dict(initial)
+    return model
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -426,7 +426,8 @@ class StabilityAutopilot(CompositeCallback):
         if grads:
             norm = total_norm(grads)
             loss = self._step_loss if self._step_loss is not None else norm.new_ones(())
-            loss = trainer.strategy.reduce(loss.to(norm.device), reduce_op="mean")  # every rank's loss
+            if self.skip_outliers or self.rollback:  # a collective only for the rungs that judge the loss
+                loss = trainer.strategy.reduce(loss.to(norm.device), reduce_op="mean")  # every rank's loss
             decision = self.skip_test.judge(loss, norm) if self.skip_outliers else None
             outlier = decision.skip & ~decision.nonfinite if decision is not None else None
             spike = None
